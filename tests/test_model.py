@@ -1,0 +1,88 @@
+"""model.py: the tiny model is what it claims, positions and log-probs match independent references."""
+import json
+import os
+
+import torch
+
+import data
+import model as modeling
+
+
+def test_tiny_model_is_deterministic_and_consistent(tiny_dir, tmp_path):
+    model_dir, _ = tiny_dir
+    texts = ["How many shapes? <think>x</think> \\boxed{3}"] * 50
+    a = modeling.build_tiny_model(str(tmp_path / "a"), texts, seed=3)
+    b = modeling.build_tiny_model(str(tmp_path / "b"), texts, seed=3)
+    c = modeling.build_tiny_model(str(tmp_path / "c"), texts, seed=4)
+    wa, wb, wc = (modeling.load_model(p).state_dict() for p in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not torch.equal(wa["lm_head.weight"], wc["lm_head.weight"])
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    tok = processor.tokenizer
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    # The config's special ids are the tokenizer's, and each special token is one id.
+    assert cfg["image_token_id"] == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert cfg["vision_start_token_id"] == tok.convert_tokens_to_ids("<|vision_start|>")
+    assert tok.eos_token == "<|im_end|>" and tok.encode("<|im_start|>user")[0] == tok.convert_tokens_to_ids("<|im_start|>")
+    n_params = sum(p.numel() for p in modeling.load_model(model_dir).parameters())
+    assert 0.3e6 < n_params < 2e6
+    head_dim = cfg["text_config"]["hidden_size"] // cfg["text_config"]["num_attention_heads"]
+    assert head_dim >= 32 and sum(cfg["text_config"]["rope_parameters"]["mrope_section"]) == head_dim // 2
+
+
+def make_batch(tiny_dir, n_image=3, with_text=True):
+    from transformers import AutoProcessor
+
+    model_dir, data_dir = tiny_dir
+    processor = AutoProcessor.from_pretrained(model_dir)
+    rows = data.load_rows(f"{data_dir}@train")
+    prompts = [data.build_prompt(rows[i], i, processor, min_pixels=56 * 56, max_pixels=112 * 112) for i in range(n_image)]
+    # Different image sizes give different grids: 56x56 -> 2x2 merged tokens, 84x56 -> 3x2.
+    prompts[1]["images"] = [prompts[1]["images"][0].resize((84, 56))]
+    if with_text:
+        text = processor.apply_chat_template([{"role": "user", "content": "Add 2 and 3."}], add_generation_prompt=True,
+                                             tokenize=False)
+        prompts.append({"text": text, "images": [], "answer": "5"})
+    g = torch.Generator().manual_seed(0)
+    n_plain = len(processor.tokenizer) - len(modeling.SPECIAL_TOKENS)  # the sampler never emits special tokens
+    samples = []
+    for k, p in enumerate(prompts):
+        length = 3 + 4 * k  # responses of different lengths, so padding differs per row
+        samples.append({**data.encode_prompt(p, processor), "response_ids": torch.randint(0, n_plain, (length,), generator=g).tolist()})
+    return processor, samples
+
+
+def test_mrope_positions_match_transformers(tiny_dir):
+    processor, samples = make_batch(tiny_dir)
+    batch = data.collate(samples, processor.tokenizer.pad_token_id)
+    policy = modeling.load_model(tiny_dir[0])
+    ours = modeling.mrope_position_ids(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
+                                       image_token_id=policy.config.image_token_id, merge_size=2)
+    mm = (batch["input_ids"] == policy.config.image_token_id).int()
+    theirs, _ = policy.model.get_rope_index(batch["input_ids"], mm, batch["image_grid_thw"],
+                                            attention_mask=batch["attention_mask"])
+    valid = batch["attention_mask"].bool()
+    assert torch.equal(ours[:, valid], theirs[:, valid])
+    # The image rows really are 3-D: height and width positions differ inside the image span.
+    assert not torch.equal(ours[1], ours[2])
+
+
+def test_token_logprobs_match_unpadded_full_forward(tiny_dir):
+    """Padded, batched, logits_to_keep log-probs == each sample alone through a plain forward."""
+    processor, samples = make_batch(tiny_dir)
+    policy = modeling.load_model(tiny_dir[0])
+    batch = data.collate(samples, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp = modeling.token_logprobs(policy, batch, temperature=0.8)
+        for i, s in enumerate(samples):
+            ids = torch.cat([s["prompt_ids"], torch.tensor(s["response_ids"])])[None]
+            mm = (ids == policy.config.image_token_id).int()
+            out = policy(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=s.get("pixel_values"),
+                         image_grid_thw=s.get("image_grid_thw"), mm_token_type_ids=mm)
+            P, R = len(s["prompt_ids"]), len(s["response_ids"])
+            ref = torch.log_softmax(out.logits[0, P - 1:P + R - 1] / 0.8, -1)
+            ref = ref.gather(-1, torch.tensor(s["response_ids"])[:, None])[:, 0]
+            assert torch.allclose(logp[i, :R], ref, atol=1e-5), i
+            assert torch.all(logp[i, R:] == 0)

@@ -1,0 +1,243 @@
+"""reward.py: exact grades on a table of answers, and score_batch's safety net on rewards that
+raise, die or hang. A custom reward file is written to tmp_path by the tests that need one."""
+import logging
+import os
+import re
+import threading
+import time
+
+import pytest
+
+import reward
+
+THINK = "<think>Angle sum in a triangle is 180.</think> "
+
+# (response, ground_truth, (overall, format, accuracy)) for compute_score, format_weight 0.1
+MATH_CASES = [
+    (THINK + "\\boxed{3}", "3", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{4}", "3", (0.1, 1.0, 0.0)),
+    (THINK + "\\boxed{0.5}", "\\frac{1}{2}", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{1/2}", "\\frac{1}{2}", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{\\dfrac{1}{2}}", "0.5", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{\\frac12}", "\\frac{1}{2}", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{\\frac{1}{3}}", "\\frac{1}{2}", (0.1, 1.0, 0.0)),
+    (THINK + "\\boxed{\\sqrt{12}}", "2\\sqrt{3}", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{2 \\sqrt 3}", "2\\sqrt{3}", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{3.4641}", "2\\sqrt{3}", (0.1, 1.0, 0.0)),  # math-verify rounds to 6 digits
+    (THINK + "\\boxed{2\\sqrt{2}}", "2\\sqrt{3}", (0.1, 1.0, 0.0)),
+    (THINK + "\\boxed{60^\\circ}", "60", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{60}", "60^\\circ", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{60°}", "60", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{5 \\text{ cm}}", "5", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{5}", "5 cm", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", (1.0, 1.0, 1.0)),  # nested braces
+    (THINK + "\\boxed{3", "3", (0.0, 0.0, 0.0)),  # unclosed: no answer, and no format
+    (THINK + "\\boxed{3} so \\boxed{4", "3", (0.1, 1.0, 0.0)),  # the last box is unclosed: no answer
+    (THINK + "\\boxed{2} no, \\boxed{3}", "3", (1.0, 1.0, 1.0)),  # the last box wins
+    (THINK + "\\boxed{3} no, \\boxed{2}", "3", (0.1, 1.0, 0.0)),
+    ("\\boxed{3}", "3", (0.9, 0.0, 1.0)),  # no think block
+    ("So <think>x</think> \\boxed{3}", "3", (0.9, 0.0, 1.0)),  # the think block must come first
+    ("<think>x</think> 3", "3", (0.0, 0.0, 0.0)),  # no box: no answer
+    ("< think > x </ think > \\boxed{3}", "3", (1.0, 1.0, 1.0)),  # spaces inside tags
+    ("", "3", (0.0, 0.0, 0.0)),
+    (THINK + "\\boxed{3}", "", (0.1, 1.0, 0.0)),
+    ("<think>" + "a" * 100_000 + "</think>\\boxed{7}", "7", (1.0, 1.0, 1.0)),
+]
+
+
+@pytest.mark.parametrize("response,ground_truth,expected", MATH_CASES)
+def test_compute_score_grades_table(response, ground_truth, expected):
+    (s,) = reward.compute_score([{"response": response, "ground_truth": ground_truth, "other": 1}])
+    assert (s["overall"], s["format"], s["accuracy"]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_format_check_equals_easyr1_regex_and_is_linear():
+    pattern = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
+    pieces = ["<think>", "</think>", "\\boxed{", "}", "x", "\n", "{"]
+    texts = [r for r, _, _ in MATH_CASES[:-1]] + [a + b + c + d for a in pieces for b in pieces for c in pieces for d in pieces]
+    for text in texts:
+        assert reward.has_boxed_format(text) == bool(pattern.fullmatch(text)), text
+    adversarial = "<think>" + "</think>\\boxed{" * 6000  # the regex takes minutes on this
+    t = time.perf_counter()
+    assert not reward.has_boxed_format(adversarial)
+    assert time.perf_counter() - t < 0.5
+
+
+def test_extract_boxed_matches_braces():
+    assert reward.extract_boxed("\\boxed{\\frac{1}{2}} and \\boxed{a{b}c}") == "a{b}c"
+    assert reward.extract_boxed("\\boxed{}") == ""
+    assert reward.extract_boxed("\\boxed{1") is None
+    assert reward.extract_boxed("no box") is None
+
+
+R1V_CASES = [
+    ("<think>x</think> <answer>3</answer>", "3", (1.0, 1.0, 1.0)),
+    ("<think>x</think><answer>The answer is $\\frac{1}{2}$.</answer>", "0.5", (1.0, 1.0, 1.0)),
+    ("<think>x</think><answer>4</answer>", "3", (0.5, 1.0, 0.0)),
+    ("<answer>3</answer>", "3", (0.5, 0.0, 1.0)),  # no think block
+    ("<think>x</think><answer>3</answer> more", "3", (0.5, 0.0, 1.0)),  # text after the answer
+    ("<think>x</think>\n\n<answer>\n3\n</answer>", "<answer> 3 </answer>", (1.0, 1.0, 1.0)),  # R1-V gold
+    ("<think>x</think> 3", "3", (0.0, 0.0, 0.0)),  # no answer block
+    ("<think>x</think> \\boxed{3}", "3", (0.0, 0.0, 0.0)),
+]
+
+
+@pytest.mark.parametrize("response,ground_truth,expected", R1V_CASES)
+def test_r1v_score_grades_table(response, ground_truth, expected):
+    (s,) = reward.r1v_score([{"response": response, "ground_truth": ground_truth}])
+    assert (s["overall"], s["format"], s["accuracy"]) == pytest.approx(expected, abs=1e-12)
+
+
+CHOICES = ["3", "6", "9", "12"]
+CHOICE_CASES = [  # (boxed answer, ground truth, choices, accuracy)
+    ("B", "B", CHOICES, 1.0),
+    ("(B)", "B", CHOICES, 1.0),
+    ("\\text{B}", "B", CHOICES, 1.0),
+    ("\\textbf{(B)}", "B", CHOICES, 1.0),
+    ("B.", "B", CHOICES, 1.0),
+    ("6", "B", CHOICES, 1.0),  # the value of the right option
+    ("6.0", "B", CHOICES, 1.0),
+    ("A", "B", CHOICES, 0.0),
+    ("3", "B", CHOICES, 0.0),
+    ("b", "B", CHOICES, 0.0),  # lower case is not read as a letter
+    ("B", "6", CHOICES, 1.0),  # gold is a value: its letter counts
+    ("6", "6", CHOICES, 1.0),
+    ("A", "6", CHOICES, 0.0),
+    ("B", "B", None, 1.0),  # no choices: letters only
+    ("6", "B", None, 0.0),
+    ("B", "6", None, 0.0),
+    ("E", "B", CHOICES, 0.0),
+]
+
+
+@pytest.mark.parametrize("answer,ground_truth,choices,accuracy", CHOICE_CASES)
+def test_choice_score_grades_table(answer, ground_truth, choices, accuracy):
+    x = {"response": THINK + "\\boxed{" + answer + "}", "ground_truth": ground_truth, "choices": choices}
+    (s,) = reward.choice_score([x])
+    assert (s["overall"], s["format"], s["accuracy"]) == pytest.approx((0.9 * accuracy + 0.1, 1.0, accuracy))
+
+
+def test_random_score_is_deterministic_fair_coin():
+    inputs = [{"response": THINK + f"\\boxed{{{i}}}" if i % 3 else f"{i}", "ground_truth": "1"} for i in range(64)]
+    a, b, c = reward.random_score(inputs), reward.random_score(inputs), reward.random_score(inputs, seed=3)
+    assert a == b and a != c
+    assert {s["overall"] for s in a} == {0.0, 1.0} and all(s["overall"] == s["accuracy"] for s in a)
+    assert [s["format"] for s in a] == [float(i % 3 != 0) for i in range(64)]
+    assert reward.random_score(inputs[::-1]) == a[::-1]  # a sample's coin does not depend on its position
+
+
+def test_grading_off_the_main_thread_matches_main_thread():
+    # math-verify's default signal.alarm timeouts raise outside the main thread (Math-Verify #50)
+    inputs = [{"response": r, "ground_truth": g} for r, g, _ in MATH_CASES[:20]]
+    expected = [e[2] for _, _, e in MATH_CASES[:20]]  # 14 of them 1.0
+    box = []
+    thread = threading.Thread(target=lambda: box.append([s["accuracy"] for s in reward.compute_score(inputs)]))
+    thread.start()
+    thread.join()
+    assert box == [expected] and [s["accuracy"] for s in reward.compute_score(inputs)] == expected
+
+
+REWARD_FILE = '''
+import os, time
+
+def score(inputs):
+    out = []
+    for x in inputs:
+        if x["response"] == "raise":
+            raise ZeroDivisionError("bad sample")
+        if x["response"] == "die":
+            os._exit(3)
+        if x["response"] == "hang":
+            with open(x["pid_file"], "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(60)
+        out.append({"overall": float(x["response"] == x["ground_truth"]), "length": len(x["response"]), "tag": "t"})
+    return out
+
+def one_short(inputs):
+    return [{"overall": 1.0} for _ in inputs[1:]]
+
+def no_overall(inputs):
+    return [{"accuracy": 1.0} for _ in inputs]
+
+not_a_function = 3
+'''
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    path = tmp_path / "my_reward.py"
+    path.write_text(REWARD_FILE)
+    return path
+
+
+def test_load_reward_names_and_errors(reward_file, tmp_path):
+    assert reward.load_reward() is reward.compute_score
+    assert [reward.load_reward(s) for s in ("r1v", "choice", "random")] == [reward.r1v_score, reward.choice_score, reward.random_score]
+    fn = reward.load_reward(f"{reward_file}:score")
+    assert fn([{"response": "a", "ground_truth": "a"}]) == [{"overall": 1.0, "length": 1, "tag": "t"}]
+    with pytest.raises(FileNotFoundError, match="missing.py"):
+        reward.load_reward(f"{tmp_path}/missing.py:score")
+    with pytest.raises(AttributeError, match="my_reward.py has no function 'nope'"):
+        reward.load_reward(f"{reward_file}:nope")
+    with pytest.raises(TypeError, match="my_reward.py:not_a_function is a int"):
+        reward.load_reward(f"{reward_file}:not_a_function")
+    with pytest.raises(ValueError, match="mathh"):
+        reward.load_reward("mathh")
+
+
+def test_score_batch_runs_a_file_reward_and_keeps_its_extra_keys(reward_file):
+    inputs = [{"response": r, "ground_truth": "ab"} for r in ("ab", "abc", "x", "ab")]
+    scores, stats = reward.score_batch(reward.load_reward(f"{reward_file}:score"), inputs, num_workers=2)
+    assert scores == [{"overall": o, "length": n, "tag": "t"} for o, n in ((1.0, 2), (0.0, 3), (0.0, 1), (1.0, 2))]
+    assert stats == {"reward/failed": 0.0, "reward/timed_out": 0.0}
+
+
+def test_score_batch_math_matches_in_process():
+    inputs = [{"response": r, "ground_truth": g} for r, g, _ in MATH_CASES]
+    scores, stats = reward.score_batch(reward.compute_score, inputs, num_workers=2)
+    assert scores == reward.compute_score(inputs) and stats == {"reward/failed": 0.0, "reward/timed_out": 0.0}
+
+
+def test_score_batch_zeroes_samples_that_raise_or_die(reward_file, caplog):
+    responses = ["a", "raise", "a", "die", "b", "raise", "a", "a"]  # 1 worker: chunks of 2, each bad one re-run alone
+    inputs = [{"response": r, "ground_truth": "a"} for r in responses]
+    with caplog.at_level(logging.WARNING, logger="reward"):
+        scores, stats = reward.score_batch(reward.load_reward(f"{reward_file}:score"), inputs, num_workers=1)
+    zero, one = {"overall": 0.0, "length": 0.0, "tag": 0.0}, {"overall": 1.0, "length": 1, "tag": "t"}
+    assert scores == [one, zero, one, zero, {"overall": 0.0, "length": 1, "tag": "t"}, zero, one, one]
+    assert stats == {"reward/failed": 3.0, "reward/timed_out": 0.0}
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("ZeroDivisionError: bad sample" in m and "2 of 8" in m for m in messages) == 1  # once per error
+    assert sum("exited with code 3" in m for m in messages) == 1
+
+
+def test_score_batch_kills_a_hanging_sample(reward_file, tmp_path):
+    pid_file = tmp_path / "pid"
+    responses = ["a", "b", "a", "hang", "a", "a", "b", "a"]
+    inputs = [{"response": r, "ground_truth": "a", "pid_file": str(pid_file)} for r in responses]
+    t = time.monotonic()
+    scores, stats = reward.score_batch(reward.load_reward(f"{reward_file}:score"), inputs, timeout_s=1.0, num_workers=1)
+    assert time.monotonic() - t < 8  # 2 x timeout_s (its chunk of 2, then itself alone) plus worker starts
+    assert [s["overall"] for s in scores] == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    assert scores[3] == {"overall": 0.0, "length": 0.0, "tag": 0.0}
+    assert stats == {"reward/failed": 0.0, "reward/timed_out": 1.0}
+    with pytest.raises(ProcessLookupError):  # the hung worker is gone, not left sleeping
+        os.kill(int(pid_file.read_text()), 0)
+
+
+@pytest.mark.parametrize("name,message", [("one_short", "returned 1 scores for 2 inputs"), ("no_overall", "returned .* without a numeric 'overall'")])
+def test_score_batch_rejects_malformed_scores(reward_file, name, message):
+    fn = reward.load_reward(f"{reward_file}:{name}")
+    with pytest.raises(ValueError, match=f"my_reward.py:{name} {message}"):
+        reward.score_batch(fn, [{"response": "a", "ground_truth": "a"}] * 8, num_workers=1)  # chunks of 2
+
+
+def test_score_batch_bounds_a_math_verify_hang():
+    # With its timeouts off, math-verify never returns on this answer: only a kill stops it.
+    inputs = [{"response": THINK + "\\boxed{3}", "ground_truth": "3"}, {"response": THINK + "\\boxed{9^{9^{9^{9}}}}", "ground_truth": "3"}]
+    t = time.monotonic()
+    scores, stats = reward.score_batch(reward.compute_score, inputs, timeout_s=1.0, num_workers=2)
+    assert time.monotonic() - t < 6
+    assert scores == [{"overall": 1.0, "format": 1.0, "accuracy": 1.0}, {"overall": 0.0, "format": 0.0, "accuracy": 0.0}]
+    assert stats["reward/timed_out"] == 1.0

@@ -1,0 +1,487 @@
+"""GRPO for Qwen2.5-VL: one file of setup, then one loop.
+
+    python train.py                                   # tiny model + synthetic data, on the CPU
+    torchrun --nproc_per_node 4 train.py --model_path=Qwen/Qwen2.5-VL-7B-Instruct \
+        --train_data=hiyouga/geometry3k@train --val_data=hiyouga/geometry3k@test
+
+Each step: every rank samples n responses for its share of the prompts with its own in-process
+vLLM engine, scores them, turns the scores into group-relative advantages, recomputes old and
+reference log-probs, takes the clipped-surrogate update(s) through FSDP2, and pushes the new
+weights into its engine. Simplifications, on purpose: groups never cross ranks (each rank samples
+whole groups), no padding-free packing, no dynamic batching, synchronous rollouts.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from tqdm import tqdm
+from transformers import AutoProcessor
+
+import data
+import grpo
+import model as modeling
+import reward
+import rollout
+
+
+@dataclass
+class Config:
+    # --- model and data ---
+    model_path: str = "tiny"  # hub id or local folder; "tiny" builds the CPU default in cache_dir
+    train_data: str = "synthetic@train"  # name@split (hub id or folder) or .parquet/.json/.jsonl; "synthetic" = built in cache_dir
+    val_data: str = "synthetic@test"  # same forms; "" = no validation
+    cache_dir: str = ".cache/tiny"  # where the tiny model and the synthetic data are built
+    out_dir: str = "out"  # metrics.jsonl and the final HF model (out_dir/hf)
+    format_prompt: str = ""  # jinja file with {{ content }}; "" = the seed's math.jinja text; "none" = no format prompt
+    min_pixels: int = 262144  # images are resized so that their area lies in [min_pixels, max_pixels]
+    max_pixels: int = 4194304
+    max_prompt_length: int = 2048  # tokens after image expansion; longer prompts are skipped and counted
+    # --- rollout ---
+    sampler: str = "vllm"  # vllm (in-process engine)
+    num_generations: int = 5  # G, responses per prompt
+    rollout_batch_size: int = 512  # prompts per step, all ranks together
+    max_response_length: int = 2048  # tokens
+    temperature: float = 1.0  # rollout sampling temperature (log-probs are taken at the same temperature)
+    top_p: float = 1.0
+    vllm_dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    vllm_gpu_memory_utilization: float = 0.6  # GPU share for vLLM (weights + KV cache)
+    vllm_kv_cache_mb: int = 0  # explicit KV cache size in MiB (0 = use vllm_gpu_memory_utilization); set on CPU
+    vllm_enforce_eager: bool = False  # True disables CUDA graphs
+    # --- algorithm ---
+    adv_estimator: str = "grpo"  # grpo | rloo
+    adv_std_norm: bool = True  # divide by the group std (False = Dr.GRPO)
+    ratio_level: str = "token"  # token | sequence (GSPO) | sequence_token (GSPO-token)
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.3
+    dual_clip: float = 3.0  # 0 turns dual clip off
+    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum | seq_mean_token_sum_norm
+    kl_coef: float = 1e-2  # 0 = no reference model at all
+    kl_estimator: str = "k3"  # k1 | k2 | k3 | abs
+    reward: str = "math"  # math | r1v | choice | random | path/to/file.py:function
+    reward_timeout: float = 10.0  # seconds per reward chunk before it is scored 0
+    # --- optimisation ---
+    lr: float = 1e-6
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    global_batch_size: int = 128  # prompts per optimizer step; rollout_batch_size / global_batch_size updates per step
+    micro_batch_size: int = 4  # sequences per forward/backward on one rank
+    max_steps: int = 60
+    seed: int = 1
+    # --- validation and output ---
+    val_freq: int = 5  # validate every val_freq steps (and before the first and after the last)
+    val_temperature: float = 0.6
+    val_top_p: float = 0.95
+    val_max_prompts: int = 0  # 0 = the whole validation set
+    save_hf: bool = True  # write out_dir/hf at the end
+    # --- tiny default ---
+    warm_start_steps: int = 150  # SFT steps that teach the tiny random model the answer format
+
+
+# The tiny default: what `python train.py` runs on a laptop CPU. Applied only when model_path is
+# "tiny" and only to the flags the user did not set; the dataclass keeps the seed's GPU recipe.
+TINY = dict(lr=1e-3, weight_decay=0.0, min_pixels=56 * 56, max_pixels=112 * 112, max_prompt_length=512,
+            rollout_batch_size=32, global_batch_size=16, micro_batch_size=40, max_response_length=24,
+            max_steps=120, val_freq=20, vllm_kv_cache_mb=64, vllm_enforce_eager=True)
+
+
+def parse_flags(argv):
+    """--name=value or --name value, exact field names, strict booleans; unknown flags are errors."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    if "--help" in argv or "-h" in argv:
+        print("flags (default; tiny default in brackets):")
+        for f in fields.values():
+            tiny = f" [{TINY[f.name]}]" if f.name in TINY else ""
+            print(f"  --{f.name}={f.default}{tiny}")
+        sys.exit(0)
+    given, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}; flags look like --name=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"flag --{name} needs a value")
+            value, i = argv[i + 1], i + 1
+        if name not in fields:
+            raise SystemExit(f"unknown flag --{name}; see --help")
+        kind = type(fields[name].default)
+        if kind is bool:
+            if value not in ("true", "false", "True", "False", "1", "0"):
+                raise SystemExit(f"--{name} takes true or false, not {value!r}")
+            given[name] = value in ("true", "True", "1")
+        else:
+            try:
+                given[name] = kind(value)
+            except ValueError:
+                raise SystemExit(f"--{name} takes a {kind.__name__}, not {value!r}")
+        i += 1
+    if given.get("model_path", Config.model_path) == "tiny":
+        given = {**TINY, **given}
+    return Config(**given)
+
+
+# ----------------------------------------------------------------------------- tiny default
+def prepare_tiny(cache_dir, *, warm_start_steps, seed=0):
+    """Build the tiny model and the synthetic data if absent; returns (model_dir, data_dir).
+
+    A random model never writes `\\boxed{}`, so RL would see zero reward forever. A short SFT
+    warm-start teaches the answer FORMAT with answers drawn at random, independent of the image:
+    it leaves the model at chance accuracy, and every point above chance comes from RL.
+    """
+
+    data_dir, model_dir = os.path.join(cache_dir, "data"), os.path.join(cache_dir, "model")
+    if not os.path.exists(os.path.join(data_dir, "test.parquet")):
+        data.make_synthetic(data_dir, seed=seed)
+    if os.path.exists(os.path.join(model_dir, "config.json")):
+        return model_dir, data_dir
+    rng = random.Random(seed)
+    fmt = data.MATH_FORMAT_PROMPT.replace("{{ content | trim }}", "").strip()
+    texts = [q.replace("<image>", "") + " " + fmt for q in data.QUESTIONS]
+    texts += [warm_start_response(rng.randint(0, 9)) for _ in range(20)]
+    texts += ["You are a helpful assistant.", "system user assistant", "Find x. \\frac{1}{2} \\sqrt{3} 60^\\circ"]
+    raw_dir = os.path.join(cache_dir, "random")
+    modeling.build_tiny_model(raw_dir, texts * 20, seed=seed)
+    warm_start(raw_dir, data_dir, model_dir, steps=warm_start_steps, seed=seed)
+    return model_dir, data_dir
+
+
+def warm_start_response(answer):
+    return f"<think>I count the shapes in the figure.</think> \\boxed{{{answer}}}"
+
+
+def warm_start(model_dir, data_dir, out_dir, *, steps, seed, batch_size=32, lr=3e-3):
+    """Plain single-process SFT on format-only targets (random answers 1-4) for the tiny model."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    policy = modeling.load_model(model_dir)
+    rows = data.load_rows(os.path.join(data_dir, "train.parquet"))
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr)
+    eos = processor.tokenizer.eos_token_id
+    for step in range(steps):
+        samples = []
+        for i in rng.sample(range(len(rows)), batch_size):
+            prompt = data.build_prompt(rows[i], i, processor, min_pixels=TINY["min_pixels"], max_pixels=TINY["max_pixels"])
+            target = processor.tokenizer.encode(warm_start_response(rng.randint(1, 4))) + [eos]
+            samples.append({**data.encode_prompt(prompt, processor), "response_ids": target})
+        batch = data.collate(samples, processor.tokenizer.pad_token_id)
+        logp = modeling.token_logprobs(policy, batch)
+        loss = grpo.aggregate(grpo.sft_loss(logp, batch["response_mask"]), batch["response_mask"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"warm-start step {step}: sft loss {loss.item():.4f}")
+    policy.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+# ----------------------------------------------------------------------------- helpers
+def all_reduce(values, op=dist.ReduceOp.SUM):
+    """Reduce a dict of floats over all ranks (one collective)."""
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=op)
+    return dict(zip(keys, t.tolist()))
+
+
+def optimizer_step(policy, optimizer, chunk, cfg, *, use_kl, world_size, device, pad_id, banned_ids):
+    """One optimizer step on this rank's share `chunk` of a mini-batch (samples with old_logp, adv
+    and, with use_kl, ref_logp), in micro-batches with gradient accumulation. Returns its metrics."""
+
+    counts = all_reduce({"tokens": sum(len(s["response_ids"]) for s in chunk), "seqs": len(chunk)})
+    # Each rank divides by the GLOBAL counts over world_size: FSDP2 averages gradients over ranks,
+    # so the summed micro-batch losses have exactly the gradient of one big batch (FIELD-NOTES).
+    agg = dict(mode=cfg.loss_agg, num_tokens=counts["tokens"] / world_size, num_seqs=counts["seqs"] / world_size,
+               max_len=cfg.max_response_length)
+    stats = {"loss/policy": 0.0, "loss/kl": 0.0, "kl": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "ratio_max": 0.0}
+    for j in range(0, len(chunk), cfg.micro_batch_size):
+        micro = chunk[j:j + cfg.micro_batch_size]
+        mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.collate(micro, pad_id).items()}
+        mask = mb["response_mask"]
+        logp = modeling.token_logprobs(policy, mb, temperature=cfg.temperature, banned_ids=banned_ids)
+        adv = torch.tensor([s["adv"] for s in micro], device=device)
+        pg, m = grpo.policy_loss(logp, mb["old_logp"], adv, mask, ratio_level=cfg.ratio_level,
+                                 clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
+                                 dual_clip=cfg.dual_clip or None)
+        loss = grpo.aggregate(pg, mask, **agg)
+        stats["loss/policy"] += loss.item()
+        if use_kl:
+            kl = grpo.kl_penalty(logp, mb["ref_logp"], kind=cfg.kl_estimator)
+            kl_loss = grpo.aggregate(kl, mask, **agg)
+            loss = loss + cfg.kl_coef * kl_loss
+            stats["loss/kl"] += kl_loss.item()
+            stats["kl"] += grpo.aggregate(kl.detach(), mask, num_tokens=agg["num_tokens"]).item()
+        loss.backward()
+        share = mask.sum().item() / agg["num_tokens"]  # this micro-batch's token share, for metric means
+        stats["clip_frac"] += m["clip_frac"].item() * share
+        stats["dual_clip_frac"] += m["dual_clip_frac"].item() * share
+        stats["ratio_max"] = max(stats["ratio_max"], m["ratio_max"].item())
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    if torch.isfinite(grad_norm):  # a non-finite norm would poison Adam's moments (EasyR1 skips the step too)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats["grad_norm"] = grad_norm.item()
+    return stats
+
+
+def peak_memory_gb():
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def main(cfg):
+
+    # --- distributed setup: torchrun's env vars, or a world of one for plain `python train.py` ---
+    if "RANK" not in os.environ:  # set what torchrun would, so one code path serves both
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    master_process = rank == 0
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo")  # before vLLM: it builds its groups from this world
+    mesh = init_device_mesh(device.type, (world_size,))
+
+    def print0(*args):
+        if master_process:
+            print(*args, flush=True)
+
+    # --- model, data, sampler ---
+    model_path, train_spec, val_spec = cfg.model_path, cfg.train_data, cfg.val_data
+    if "tiny" in (cfg.model_path,) or "synthetic" in (train_spec.split("@")[0], val_spec.split("@")[0]):
+        if master_process:
+            prepare_tiny(cfg.cache_dir, warm_start_steps=cfg.warm_start_steps)
+        dist.barrier()
+        tiny_model, tiny_data = os.path.join(cfg.cache_dir, "model"), os.path.join(cfg.cache_dir, "data")
+        model_path = tiny_model if model_path == "tiny" else model_path
+        train_spec = train_spec.replace("synthetic", tiny_data, 1) if train_spec.startswith("synthetic") else train_spec
+        val_spec = val_spec.replace("synthetic", tiny_data, 1) if val_spec.startswith("synthetic") else val_spec
+    print0(f"model {model_path} | train {train_spec} | val {val_spec} | world {world_size} on {device.type}")
+    torch.manual_seed(cfg.seed)
+    processor = AutoProcessor.from_pretrained(model_path)
+    tokenizer = processor.tokenizer
+    train_dtype = torch.float32  # fp32 master weights; bf16 compute on GPU through FSDP2's policy
+    compute_dtype = torch.bfloat16 if use_cuda else torch.float32
+    policy = modeling.apply_fsdp(modeling.load_model(model_path, dtype=train_dtype, device=device), mesh,
+                                 param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    ref = None
+    if cfg.kl_coef > 0:
+        ref = modeling.apply_fsdp(modeling.load_model(model_path, dtype=train_dtype, device=device), mesh,
+                                  param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        ref.requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    format_prompt = cfg.format_prompt
+    if format_prompt == "none":
+        format_prompt = None
+    elif format_prompt:
+        with open(format_prompt) as f:
+            format_prompt = f.read()
+    else:
+        format_prompt = data.MATH_FORMAT_PROMPT
+
+    def load_prompts(spec):
+        rows = data.load_rows(spec)
+        prompts, skipped = [], 0
+        for i in range(len(rows)):
+            row = rows[i]
+            p = data.build_prompt(row, i, processor, format_prompt=format_prompt, min_pixels=cfg.min_pixels,
+                                  max_pixels=cfg.max_pixels, source=spec)
+            p["row"] = {k: v for k, v in row.items() if k not in ("images", "problem", "answer")}
+            prompts.append(p)
+        return prompts, skipped
+
+    train_prompts, _ = load_prompts(train_spec)
+    val_prompts = load_prompts(val_spec)[0] if val_spec else []
+    if cfg.val_max_prompts:
+        val_prompts = val_prompts[:cfg.val_max_prompts]
+    reward_fn = reward.load_reward(cfg.reward)
+    banned = rollout.banned_token_ids(tokenizer)
+    vllm_dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if use_cuda else "float32")
+    engine = rollout.make_engine(model_path, world_size=world_size, dtype=vllm_dtype, seed=cfg.seed,
+                                 max_model_len=cfg.max_prompt_length + cfg.max_response_length,
+                                 kv_cache_bytes=cfg.vllm_kv_cache_mb << 20,
+                                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                 enforce_eager=cfg.vllm_enforce_eager)
+    # vLLM seeds the global RNGs when it starts; re-seed ours so runs are reproducible.
+    torch.manual_seed(cfg.seed + rank)
+    rollout.sync_weights(engine, policy)
+
+    G = cfg.num_generations
+    if cfg.rollout_batch_size % (world_size * cfg.global_batch_size // math.gcd(world_size, cfg.global_batch_size)):
+        raise SystemExit("rollout_batch_size must be a multiple of global_batch_size and of the world size")
+    prompts_per_rank = cfg.rollout_batch_size // world_size
+    updates_per_step = cfg.rollout_batch_size // cfg.global_batch_size
+    if cfg.global_batch_size % world_size:
+        raise SystemExit("global_batch_size must be a multiple of the world size")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master_process else None
+
+    def log(record):
+        if master_process:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    def to_device(batch):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def logprobs(model, samples, with_entropy=False):
+        """Per-sample log-prob lists under `model`, computed in micro-batches without gradients."""
+        out, ent = [], []
+        with torch.no_grad():
+            for j in range(0, len(samples), cfg.micro_batch_size):
+                mb = to_device(data.collate(samples[j:j + cfg.micro_batch_size], tokenizer.pad_token_id))
+                res = modeling.token_logprobs(model, mb, temperature=cfg.temperature, banned_ids=banned,
+                                              with_entropy=with_entropy)
+                lp, e = res if with_entropy else (res, None)
+                for i in range(lp.shape[0]):
+                    n = int(mb["response_mask"][i].sum())
+                    out.append(lp[i, :n].float().cpu())
+                    if with_entropy:
+                        ent.append(e[i, :n].float().cpu())
+        return (out, ent) if with_entropy else out
+
+    def validate(step):
+        """Accuracy on the validation set at the validation sampling settings (n=1)."""
+        if not val_prompts:
+            return {}
+        t0 = time.perf_counter()
+        mine = val_prompts[rank::world_size]
+        res = rollout.generate(engine, mine, n=1, temperature=cfg.val_temperature, top_p=cfg.val_top_p,
+                               max_tokens=cfg.max_response_length, seed=cfg.seed + 7919 * rank, banned_ids=banned)
+        inputs = [{"response": tokenizer.decode(r["samples"][0][0], skip_special_tokens=True),
+                   "ground_truth": p["answer"], **p["row"]} for p, r in zip(mine, res)]
+        scores, _ = reward.score_batch(reward_fn, inputs, timeout_s=cfg.reward_timeout)
+        sums = all_reduce({"n": len(scores), "accuracy": sum(s.get("accuracy", s["overall"]) for s in scores),
+                           "format": sum(s.get("format", 0.0) for s in scores),
+                           "overall": sum(s["overall"] for s in scores)})
+        record = {"step": step, "val/accuracy": sums["accuracy"] / sums["n"], "val/format": sums["format"] / sums["n"],
+                  "val/overall": sums["overall"] / sums["n"], "val/n": int(sums["n"]),
+                  "val/temperature": cfg.val_temperature, "val/top_p": cfg.val_top_p,
+                  "time/val": time.perf_counter() - t0}
+        log(record)
+        print0(f"step {step}: val/accuracy {record['val/accuracy']:.3f} val/format {record['val/format']:.3f}"
+               f" (temperature {cfg.val_temperature}, top_p {cfg.val_top_p}, n={record['val/n']})")
+        return record
+
+    # One shuffled order of the training prompts per epoch, the same on every rank.
+    order_rng = random.Random(cfg.seed)
+    order, cursor = [], 0
+    first_val = validate(0)
+    t_start = time.perf_counter()
+    for step in tqdm(range(1, cfg.max_steps + 1), disable=not master_process, desc="grpo"):
+        timing, t0 = {}, time.perf_counter()
+        # ---------------------------------------------------------------- rollout
+        picked = []
+        while len(picked) < cfg.rollout_batch_size:
+            if cursor == len(order):
+                order, cursor = list(range(len(train_prompts))), 0
+                order_rng.shuffle(order)
+            picked.append(order[cursor])
+            cursor += 1
+        mine = [train_prompts[i] for i in picked[rank * prompts_per_rank:(rank + 1) * prompts_per_rank]]
+        t = time.perf_counter()
+        res = rollout.generate(engine, mine, n=G, temperature=cfg.temperature, top_p=cfg.top_p,
+                               max_tokens=cfg.max_response_length, seed=(cfg.seed * 1_000_003 + step) * 4099 + rank * G * prompts_per_rank,
+                               banned_ids=banned)
+        samples = []
+        for p, r in zip(mine, res):
+            enc = data.encode_prompt(p, processor)
+            if step == 1 and enc["prompt_ids"].tolist() != r["prompt_token_ids"]:
+                raise RuntimeError("vLLM's prompt token ids differ from the processor's: the sampler and "
+                                   "the trainer would see different prompts (check the chat template)")
+            for ids, lps in r["samples"]:
+                samples.append({**enc, "response_ids": ids, "sampler_logp": torch.tensor(lps),
+                                "prompt": p})
+        timing["time/rollout"] = time.perf_counter() - t
+        # ---------------------------------------------------------------- reward
+        t = time.perf_counter()
+        inputs = [{"response": tokenizer.decode(s["response_ids"], skip_special_tokens=True),
+                   "ground_truth": s["prompt"]["answer"], **s["prompt"]["row"]} for s in samples]
+        scores, reward_stats = reward.score_batch(reward_fn, inputs, timeout_s=cfg.reward_timeout)
+        rewards = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
+        timing["time/reward"] = time.perf_counter() - t
+        # ---------------------------------------------------------------- advantages
+        if cfg.adv_estimator == "rloo":
+            adv = grpo.rloo_advantages(rewards, G)
+        else:
+            adv = grpo.group_advantages(rewards, G, std_norm=cfg.adv_std_norm)
+        for s, a in zip(samples, adv.tolist()):
+            s["adv"] = a
+        # ---------------------------------------------------------------- old / ref log-probs
+        t = time.perf_counter()
+        old, entropy = logprobs(policy, samples, with_entropy=True)
+        refs = logprobs(ref, samples) if ref is not None else [None] * len(samples)
+        for s, o, r_ in zip(samples, old, refs):
+            s["old_logp"] = o
+            if r_ is not None:
+                s["ref_logp"] = r_
+        diffs = torch.cat([(s["old_logp"] - s["sampler_logp"]).abs() for s in samples])
+        timing["time/logprobs"] = time.perf_counter() - t
+        # ---------------------------------------------------------------- update
+        t = time.perf_counter()
+        per_update = len(samples) // updates_per_step  # this rank's sequences per optimizer step
+        updates = [optimizer_step(policy, optimizer, samples[u * per_update:(u + 1) * per_update], cfg,
+                                  use_kl=ref is not None, world_size=world_size, device=device,
+                                  pad_id=tokenizer.pad_token_id, banned_ids=banned)
+                   for u in range(updates_per_step)]
+        stats = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+        stats["ratio_max"] = max(u["ratio_max"] for u in updates)
+        timing["time/update"] = time.perf_counter() - t
+        # ---------------------------------------------------------------- weight sync
+        timing["time/sync"] = rollout.sync_weights(engine, policy)
+        # ---------------------------------------------------------------- log
+        timing["time/step"] = time.perf_counter() - t0
+        acc = [s.get("accuracy", s["overall"]) for s in scores]
+        groups = rewards.view(-1, G)
+        local = {"reward/overall": rewards.mean().item(), "reward/format": sum(s.get("format", 0.0) for s in scores) / len(scores),
+                 "reward/accuracy": sum(acc) / len(acc), "adv/mean": adv.mean().item(), "adv/std": adv.std().item(),
+                 "adv/abs_mean": adv.abs().mean().item(), "adv/zero_std_groups": (groups.std(1) == 0).float().mean().item(),
+                 "response/length": sum(len(s["response_ids"]) for s in samples) / len(samples),
+                 "response/entropy": torch.cat(entropy).mean().item(),
+                 "rollout/logp_diff_mean": diffs.mean().item(),
+                 **{k: v for k, v in stats.items() if k != "ratio_max"},
+                 **{k: v for k, v in reward_stats.items()}, **timing, "memory/peak_gb": peak_memory_gb()}
+        record = {k: v / world_size for k, v in all_reduce(local).items()}
+        record.update(all_reduce({"rollout/logp_diff_max": diffs.max().item(), "ratio_max": stats["ratio_max"],
+                                  "memory/peak_gb": local["memory/peak_gb"], "time/step": timing["time/step"]},
+                                 op=dist.ReduceOp.MAX))
+        for k in reward_stats:  # counts add up over ranks
+            record[k] *= world_size
+        log({"step": step, **record})
+        # ---------------------------------------------------------------- eval
+        if step % cfg.val_freq == 0 and step != cfg.max_steps:
+            validate(step)
+    last_val = validate(cfg.max_steps)
+    wall = time.perf_counter() - t_start
+    # ---------------------------------------------------------------- save
+    if cfg.save_hf:
+        modeling.save_hf(policy, processor, os.path.join(cfg.out_dir, "hf"), rank=rank)
+    if first_val and last_val:
+        print0(f"done: {cfg.max_steps} steps in {wall:.0f}s; val/accuracy {first_val['val/accuracy']:.3f} -> "
+               f"{last_val['val/accuracy']:.3f}, val/format {first_val['val/format']:.3f} -> {last_val['val/format']:.3f}")
+    dist.barrier()
+    # No destroy_process_group: vLLM tears down its groups (built on this world) at exit.
+
+
+if __name__ == "__main__":
+    main(parse_flags(sys.argv[1:]))
