@@ -84,7 +84,8 @@ class Config:
     val_max_prompts: int = 0  # 0 = the whole validation set
     save_hf: bool = True  # write out_dir/hf at the end
     # --- tiny default ---
-    warm_start_steps: int = 150  # SFT steps that teach the tiny random model the answer format
+    warm_start_steps: int = 150  # SFT steps that teach the tiny random model the answer format (random answers)
+    warm_start_grounded_steps: int = 30  # then SFT steps on the true answers, stopped while accuracy is at chance
 
 
 # The tiny default: what `python train.py` runs on a laptop CPU. Applied only when model_path is
@@ -132,15 +133,16 @@ def parse_flags(argv):
 
 
 # ----------------------------------------------------------------------------- tiny default
-def prepare_tiny(cache_dir, *, warm_start_steps, seed=0):
+def prepare_tiny(cache_dir, *, warm_start_steps, grounded_steps, seed=0):
     """Build the tiny model and the synthetic data if absent; returns (model_dir, data_dir).
 
-    A random model never writes `\\boxed{}`, so RL would see zero reward forever. A short SFT
-    warm-start teaches the answer FORMAT with answers drawn at random, independent of the image:
-    it leaves the model at chance accuracy, and every point above chance comes from RL.
+    A random model never writes `\\boxed{}`, so RL would see zero reward forever: a short SFT
+    warm-start (see warm_start) teaches the format and leaves accuracy at chance; every point of
+    validation accuracy above that is earned by RL.
     """
 
-    data_dir, model_dir = os.path.join(cache_dir, "data"), os.path.join(cache_dir, "model")
+    data_dir = os.path.join(cache_dir, "data")
+    model_dir = os.path.join(cache_dir, f"model-ws{warm_start_steps}-g{grounded_steps}")  # one per warm-start recipe
     if not os.path.exists(os.path.join(data_dir, "test.parquet")):
         data.make_synthetic(data_dir, seed=seed)
     if os.path.exists(os.path.join(model_dir, "config.json")):
@@ -152,7 +154,7 @@ def prepare_tiny(cache_dir, *, warm_start_steps, seed=0):
     texts += ["You are a helpful assistant.", "system user assistant", "Find x. \\frac{1}{2} \\sqrt{3} 60^\\circ"]
     raw_dir = os.path.join(cache_dir, "random")
     modeling.build_tiny_model(raw_dir, texts * 20, seed=seed)
-    warm_start(raw_dir, data_dir, model_dir, steps=warm_start_steps, seed=seed)
+    warm_start(raw_dir, data_dir, model_dir, steps=warm_start_steps, grounded_steps=grounded_steps, seed=seed)
     return model_dir, data_dir
 
 
@@ -160,29 +162,35 @@ def warm_start_response(answer):
     return f"<think>I count the shapes in the figure.</think> \\boxed{{{answer}}}"
 
 
-def warm_start(model_dir, data_dir, out_dir, *, steps, seed, batch_size=32, lr=3e-3):
-    """Plain single-process SFT on format-only targets (random answers 1-4) for the tiny model."""
+def warm_start(model_dir, data_dir, out_dir, *, steps, grounded_steps, seed, batch_size=32):
+    """Plain single-process SFT of the tiny random model, in two phases (fresh AdamW each):
+    `steps` at lr 3e-3 on the answer format with answers drawn at random (the model learns to
+    write `<think>...</think> \\boxed{k}` and to ignore the image), then `grounded_steps` at lr 1e-3
+    on the true counts, stopped before accuracy moves off chance (measured: it jumps from ~20% to
+    ~90% between 50 and 60 such steps)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     processor = AutoProcessor.from_pretrained(model_dir)
     policy = modeling.load_model(model_dir)
     rows = data.load_rows(os.path.join(data_dir, "train.parquet"))
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr)
     eos = processor.tokenizer.eos_token_id
-    for step in range(steps):
-        samples = []
-        for i in rng.sample(range(len(rows)), batch_size):
-            prompt = data.build_prompt(rows[i], i, processor, min_pixels=TINY["min_pixels"], max_pixels=TINY["max_pixels"])
-            target = processor.tokenizer.encode(warm_start_response(rng.randint(1, 4))) + [eos]
-            samples.append({**data.encode_prompt(prompt, processor), "response_ids": target})
-        batch = data.collate(samples, processor.tokenizer.pad_token_id)
-        logp = modeling.token_logprobs(policy, batch)
-        loss = grpo.aggregate(grpo.sft_loss(logp, batch["response_mask"]), batch["response_mask"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"warm-start step {step}: sft loss {loss.item():.4f}")
+    for phase, n, lr in (("format", steps, 3e-3), ("grounded", grounded_steps, 1e-3)):
+        opt = torch.optim.AdamW(policy.parameters(), lr=lr)
+        for step in range(n):
+            samples = []
+            for i in rng.sample(range(len(rows)), batch_size):
+                prompt = data.build_prompt(rows[i], i, processor, min_pixels=TINY["min_pixels"], max_pixels=TINY["max_pixels"])
+                answer = prompt["answer"] if phase == "grounded" else rng.randint(1, 4)
+                target = processor.tokenizer.encode(warm_start_response(answer)) + [eos]
+                samples.append({**data.encode_prompt(prompt, processor), "response_ids": target})
+            batch = data.collate(samples, processor.tokenizer.pad_token_id)
+            logp = modeling.token_logprobs(policy, batch)
+            loss = grpo.aggregate(grpo.sft_loss(logp, batch["response_mask"]), batch["response_mask"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 50 == 0 or step == n - 1:
+                print(f"warm-start ({phase}) step {step}: sft loss {loss.item():.4f}", flush=True)
     policy.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
 
@@ -270,9 +278,11 @@ def main(cfg):
     model_path, train_spec, val_spec = cfg.model_path, cfg.train_data, cfg.val_data
     if "tiny" in (cfg.model_path,) or "synthetic" in (train_spec.split("@")[0], val_spec.split("@")[0]):
         if master_process:
-            prepare_tiny(cfg.cache_dir, warm_start_steps=cfg.warm_start_steps)
-        dist.barrier()
-        tiny_model, tiny_data = os.path.join(cfg.cache_dir, "model"), os.path.join(cfg.cache_dir, "data")
+            prepare_tiny(cfg.cache_dir, warm_start_steps=cfg.warm_start_steps,
+                         grounded_steps=cfg.warm_start_grounded_steps)
+        dist.barrier()  # the other ranks wait, then take the same (already built) paths
+        tiny_model, tiny_data = prepare_tiny(cfg.cache_dir, warm_start_steps=cfg.warm_start_steps,
+                                             grounded_steps=cfg.warm_start_grounded_steps)
         model_path = tiny_model if model_path == "tiny" else model_path
         train_spec = train_spec.replace("synthetic", tiny_data, 1) if train_spec.startswith("synthetic") else train_spec
         val_spec = val_spec.replace("synthetic", tiny_data, 1) if val_spec.startswith("synthetic") else val_spec
@@ -306,12 +316,17 @@ def main(cfg):
             row = rows[i]
             p = data.build_prompt(row, i, processor, format_prompt=format_prompt, min_pixels=cfg.min_pixels,
                                   max_pixels=cfg.max_pixels, source=spec)
+            # Never truncate: a cut through the image span breaks the forward (EasyR1 #83).
+            if len(data.encode_prompt(p, processor)["prompt_ids"]) > cfg.max_prompt_length:
+                skipped += 1
+                continue
             p["row"] = {k: v for k, v in row.items() if k not in ("images", "problem", "answer")}
             prompts.append(p)
-        return prompts, skipped
+        print0(f"{spec}: {len(prompts)} prompts, {skipped} skipped as longer than {cfg.max_prompt_length} tokens")
+        return prompts
 
-    train_prompts, _ = load_prompts(train_spec)
-    val_prompts = load_prompts(val_spec)[0] if val_spec else []
+    train_prompts = load_prompts(train_spec)
+    val_prompts = load_prompts(val_spec) if val_spec else []
     if cfg.val_max_prompts:
         val_prompts = val_prompts[:cfg.val_max_prompts]
     reward_fn = reward.load_reward(cfg.reward)
