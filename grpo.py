@@ -22,7 +22,8 @@ because 0 * nan is nan.
 
 Simplifications: one scalar advantage per response, broadcast to its tokens; no value model,
 GAE, REINFORCE++ or ReMax (a group baseline is all GRPO needs); no CISPO/SAPO/GMPO losses; KL
-only in the loss, never in the reward; no entropy bonus (token_entropy is for logging). No
+in the reward is train.py's business (it subtracts kl_coef * sum_t k(old, ref) from each
+sequence's reward before the advantages); no entropy bonus (token_entropy is for logging). No
 collectives here: for micro-batches and ranks, aggregate() takes the global counts instead.
 """
 import math

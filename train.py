@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from tqdm import tqdm
+from PIL import Image
 from transformers import AutoProcessor
 
 import data
@@ -67,6 +68,20 @@ class Config:
     loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum | seq_mean_token_sum_norm
     kl_coef: float = 1e-2  # 0 = no reference model at all
     kl_estimator: str = "k3"  # k1 | k2 | k3 | abs
+    kl_in_reward: bool = False  # subtract kl_coef * sum_t KL(old || ref) from each reward instead of a loss term
+    dynamic_sampling: bool = False  # DAPO: keep only groups whose mean accuracy lies in (filter_low, filter_high)
+    filter_low: float = 0.01
+    filter_high: float = 0.99
+    max_sample_tries: int = 4  # rollout rounds per step before dynamic sampling fills up with unfiltered groups
+    mismatch_correction: str = "none"  # none | token | sequence: truncated IS weight exp(old_logp - sampler_logp)
+    mismatch_cap: float = 3.0  # the truncation cap of that weight
+    sft_data: str = ""  # CHORD: rows with problem/images/response; "" = no SFT term
+    sft_batch_size: int = 16  # SFT rows per optimizer step, all ranks together
+    chord_mu_peak: float = 0.9  # loss = (1 - mu) * L_rl + mu * L_sft, mu warmed up to the peak then decayed
+    chord_mu_valley: float = 0.05
+    chord_warmup_steps: int = 0
+    chord_decay_steps: int = 100
+    chord_phi: bool = True  # weight SFT tokens by p (1 - p) (CHORD-phi)
     reward: str = "math"  # math | r1v | choice | random | path/to/file.py:function
     reward_timeout: float = 10.0  # seconds per reward chunk before it is scored 0
     # --- optimisation ---
@@ -143,23 +158,19 @@ def prepare_tiny(cache_dir, *, warm_start_steps, grounded_steps, seed=0):
 
     data_dir = os.path.join(cache_dir, "data")
     model_dir = os.path.join(cache_dir, f"model-ws{warm_start_steps}-g{grounded_steps}")  # one per warm-start recipe
-    if not os.path.exists(os.path.join(data_dir, "test.parquet")):
+    if not os.path.exists(os.path.join(data_dir, "sft.parquet")):
         data.make_synthetic(data_dir, seed=seed)
     if os.path.exists(os.path.join(model_dir, "config.json")):
         return model_dir, data_dir
     rng = random.Random(seed)
     fmt = data.MATH_FORMAT_PROMPT.replace("{{ content | trim }}", "").strip()
     texts = [q.replace("<image>", "") + " " + fmt for q in data.QUESTIONS]
-    texts += [warm_start_response(rng.randint(0, 9)) for _ in range(20)]
+    texts += [data.synthetic_response(rng.randint(0, 9)) for _ in range(20)]
     texts += ["You are a helpful assistant.", "system user assistant", "Find x. \\frac{1}{2} \\sqrt{3} 60^\\circ"]
     raw_dir = os.path.join(cache_dir, "random")
     modeling.build_tiny_model(raw_dir, texts * 20, seed=seed)
     warm_start(raw_dir, data_dir, model_dir, steps=warm_start_steps, grounded_steps=grounded_steps, seed=seed)
     return model_dir, data_dir
-
-
-def warm_start_response(answer):
-    return f"<think>I count the shapes in the figure.</think> \\boxed{{{answer}}}"
 
 
 def warm_start(model_dir, data_dir, out_dir, *, steps, grounded_steps, seed, batch_size=32):
@@ -181,7 +192,7 @@ def warm_start(model_dir, data_dir, out_dir, *, steps, grounded_steps, seed, bat
             for i in rng.sample(range(len(rows)), batch_size):
                 prompt = data.build_prompt(rows[i], i, processor, min_pixels=TINY["min_pixels"], max_pixels=TINY["max_pixels"])
                 answer = prompt["answer"] if phase == "grounded" else rng.randint(1, 4)
-                target = processor.tokenizer.encode(warm_start_response(answer)) + [eos]
+                target = processor.tokenizer.encode(data.synthetic_response(answer)) + [eos]
                 samples.append({**data.encode_prompt(prompt, processor), "response_ids": target})
             batch = data.collate(samples, processor.tokenizer.pad_token_id)
             logp = modeling.token_logprobs(policy, batch)
@@ -204,25 +215,37 @@ def all_reduce(values, op=dist.ReduceOp.SUM):
     return dict(zip(keys, t.tolist()))
 
 
-def optimizer_step(policy, optimizer, chunk, cfg, *, use_kl, world_size, device, pad_id, banned_ids):
-    """One optimizer step on this rank's share `chunk` of a mini-batch (samples with old_logp, adv
-    and, with use_kl, ref_logp), in micro-batches with gradient accumulation. Returns its metrics."""
-
-    counts = all_reduce({"tokens": sum(len(s["response_ids"]) for s in chunk), "seqs": len(chunk)})
+def optimizer_step(policy, optimizer, chunk, cfg, *, use_kl, world_size, device, pad_id, banned_ids,
+                   sft_chunk=(), mu=0.0):
+    """One optimizer step on this rank's share `chunk` of a mini-batch (samples with old_logp,
+    sampler_logp, adv and, with use_kl, ref_logp), in micro-batches with gradient accumulation.
+    With CHORD (sft_chunk: expert samples), the loss is (1 - mu) * L_rl + mu * L_sft."""
+    counts = all_reduce({"tokens": sum(len(s["response_ids"]) for s in chunk), "seqs": len(chunk),
+                         "sft_tokens": sum(len(s["response_ids"]) for s in sft_chunk)})
     # Each rank divides by the GLOBAL counts over world_size: FSDP2 averages gradients over ranks,
     # so the summed micro-batch losses have exactly the gradient of one big batch (FIELD-NOTES).
     agg = dict(mode=cfg.loss_agg, num_tokens=counts["tokens"] / world_size, num_seqs=counts["seqs"] / world_size,
                max_len=cfg.max_response_length)
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "kl": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "ratio_max": 0.0}
-    for j in range(0, len(chunk), cfg.micro_batch_size):
-        micro = chunk[j:j + cfg.micro_batch_size]
-        mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.collate(micro, pad_id).items()}
+
+    def batches(samples):
+        for j in range(0, len(samples), cfg.micro_batch_size):
+            micro = samples[j:j + cfg.micro_batch_size]
+            mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.collate(micro, pad_id).items()}
+            yield micro, mb, modeling.token_logprobs(policy, mb, temperature=cfg.temperature, banned_ids=banned_ids)
+
+    for micro, mb, logp in batches(chunk):
         mask = mb["response_mask"]
-        logp = modeling.token_logprobs(policy, mb, temperature=cfg.temperature, banned_ids=banned_ids)
         adv = torch.tensor([s["adv"] for s in micro], device=device)
         pg, m = grpo.policy_loss(logp, mb["old_logp"], adv, mask, ratio_level=cfg.ratio_level,
                                  clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
                                  dual_clip=cfg.dual_clip or None)
+        if cfg.mismatch_correction != "none":  # vLLM sampled from pi_sampler, not pi_old: reweight
+            w, wm = grpo.mismatch_weights(mb["old_logp"], mb["sampler_logp"], mask, level=cfg.mismatch_correction,
+                                          cap=cfg.mismatch_cap)
+            pg = pg * w
+            for k, v in wm.items():
+                stats[f"mismatch/{k}"] = stats.get(f"mismatch/{k}", 0.0) + v.item() * mask.sum().item() / agg["num_tokens"]
         loss = grpo.aggregate(pg, mask, **agg)
         stats["loss/policy"] += loss.item()
         if use_kl:
@@ -231,11 +254,18 @@ def optimizer_step(policy, optimizer, chunk, cfg, *, use_kl, world_size, device,
             loss = loss + cfg.kl_coef * kl_loss
             stats["loss/kl"] += kl_loss.item()
             stats["kl"] += grpo.aggregate(kl.detach(), mask, num_tokens=agg["num_tokens"]).item()
-        loss.backward()
+        ((1 - mu) * loss).backward()
         share = mask.sum().item() / agg["num_tokens"]  # this micro-batch's token share, for metric means
         stats["clip_frac"] += m["clip_frac"].item() * share
         stats["dual_clip_frac"] += m["dual_clip_frac"].item() * share
         stats["ratio_max"] = max(stats["ratio_max"], m["ratio_max"].item())
+    if sft_chunk:
+        stats["loss/sft"], stats["chord/mu"] = 0.0, mu
+        for _, mb, logp in batches(list(sft_chunk)):
+            sft = grpo.aggregate(grpo.sft_loss(logp, mb["response_mask"], phi=cfg.chord_phi), mb["response_mask"],
+                                 num_tokens=counts["sft_tokens"] / world_size)
+            (mu * sft).backward()
+            stats["loss/sft"] += sft.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     if torch.isfinite(grad_norm):  # a non-finite norm would poison Adam's moments (EasyR1 skips the step too)
@@ -275,17 +305,18 @@ def main(cfg):
             print(*args, flush=True)
 
     # --- model, data, sampler ---
-    model_path, train_spec, val_spec = cfg.model_path, cfg.train_data, cfg.val_data
-    if "tiny" in (cfg.model_path,) or "synthetic" in (train_spec.split("@")[0], val_spec.split("@")[0]):
+    # "tiny" and "synthetic..." name the CPU default, built once (by rank 0) in cache_dir.
+    specs = {"model": cfg.model_path, "train": cfg.train_data, "val": cfg.val_data, "sft": cfg.sft_data}
+    if cfg.model_path == "tiny" or any(v.startswith("synthetic") for v in specs.values()):
         if master_process:
             prepare_tiny(cfg.cache_dir, warm_start_steps=cfg.warm_start_steps,
                          grounded_steps=cfg.warm_start_grounded_steps)
         dist.barrier()  # the other ranks wait, then take the same (already built) paths
         tiny_model, tiny_data = prepare_tiny(cfg.cache_dir, warm_start_steps=cfg.warm_start_steps,
                                              grounded_steps=cfg.warm_start_grounded_steps)
-        model_path = tiny_model if model_path == "tiny" else model_path
-        train_spec = train_spec.replace("synthetic", tiny_data, 1) if train_spec.startswith("synthetic") else train_spec
-        val_spec = val_spec.replace("synthetic", tiny_data, 1) if val_spec.startswith("synthetic") else val_spec
+        specs = {k: tiny_model if v == "tiny" else tiny_data + v[len("synthetic"):] if v.startswith("synthetic") else v
+                 for k, v in specs.items()}
+    model_path, train_spec, val_spec = specs["model"], specs["train"], specs["val"]
     print0(f"model {model_path} | train {train_spec} | val {val_spec} | world {world_size} on {device.type}")
     torch.manual_seed(cfg.seed)
     processor = AutoProcessor.from_pretrained(model_path)
@@ -375,37 +406,45 @@ def main(cfg):
                         ent.append(e[i, :n].float().cpu())
         return (out, ent) if with_entropy else out
 
-    def validate(step):
-        """Accuracy on the validation set at the validation sampling settings (n=1)."""
+    def mean_scores(scores, prefix):
+        """{prefix/key: mean} over every numeric key the reward returned (all ranks); prefix/n the count."""
+        keys = sorted(k for k, v in scores[0].items() if isinstance(v, (int, float)))
+        sums = all_reduce({"n": len(scores), **{k: sum(s[k] for s in scores) for k in keys}})
+        out = {f"{prefix}/{k}": sums[k] / sums["n"] for k in keys}
+        out.setdefault(f"{prefix}/accuracy", out[f"{prefix}/overall"])  # custom rewards may give only overall
+        return out, int(sums["n"])
+
+    def validate(step, blank_images=False):
+        """Validation accuracy at the validation sampling settings (n=1). blank_images replaces every
+        image with a white one of the same size: what the model scores without seeing the figure."""
         if not val_prompts:
             return {}
         t0 = time.perf_counter()
         mine = val_prompts[rank::world_size]
+        if blank_images:
+            mine = [{**p, "images": [Image.new("RGB", im.size, "white") for im in p["images"]]} for p in mine]
         res = rollout.generate(engine, mine, n=1, temperature=cfg.val_temperature, top_p=cfg.val_top_p,
                                max_tokens=cfg.max_response_length, seed=cfg.seed + 7919 * rank, banned_ids=banned)
         inputs = [{"response": tokenizer.decode(r["samples"][0][0], skip_special_tokens=True),
                    "ground_truth": p["answer"], **p["row"]} for p, r in zip(mine, res)]
         scores, _ = reward.score_batch(reward_fn, inputs, timeout_s=cfg.reward_timeout)
-        sums = all_reduce({"n": len(scores), "accuracy": sum(s.get("accuracy", s["overall"]) for s in scores),
-                           "format": sum(s.get("format", 0.0) for s in scores),
-                           "overall": sum(s["overall"] for s in scores)})
-        record = {"step": step, "val/accuracy": sums["accuracy"] / sums["n"], "val/format": sums["format"] / sums["n"],
-                  "val/overall": sums["overall"] / sums["n"], "val/n": int(sums["n"]),
-                  "val/temperature": cfg.val_temperature, "val/top_p": cfg.val_top_p,
-                  "time/val": time.perf_counter() - t0}
+        prefix = "val_blank" if blank_images else "val"
+        means, n = mean_scores(scores, prefix)
+        record = {"step": step, **means, f"{prefix}/n": n, f"{prefix}/temperature": cfg.val_temperature,
+                  f"{prefix}/top_p": cfg.val_top_p, "time/val": time.perf_counter() - t0}
         log(record)
-        print0(f"step {step}: val/accuracy {record['val/accuracy']:.3f} val/format {record['val/format']:.3f}"
-               f" (temperature {cfg.val_temperature}, top_p {cfg.val_top_p}, n={record['val/n']})")
+        print0(f"step {step}: {prefix}/accuracy {record[prefix + '/accuracy']:.3f} "
+               f"(temperature {cfg.val_temperature}, top_p {cfg.val_top_p}, n={n})")
         return record
 
     # One shuffled order of the training prompts per epoch, the same on every rank.
     order_rng = random.Random(cfg.seed)
-    order, cursor = [], 0
-    first_val = validate(0)
-    t_start = time.perf_counter()
-    for step in tqdm(range(1, cfg.max_steps + 1), disable=not master_process, desc="grpo"):
-        timing, t0 = {}, time.perf_counter()
-        # ---------------------------------------------------------------- rollout
+    order, cursor, draws = [], 0, 0
+
+    def next_prompts():
+        """This rank's share of the next rollout_batch_size prompts, and the round's sampling seed.
+        Seeds follow the global prompt index, so the samples do not depend on the world size."""
+        nonlocal order, cursor, draws
         picked = []
         while len(picked) < cfg.rollout_batch_size:
             if cursor == len(order):
@@ -413,35 +452,72 @@ def main(cfg):
                 order_rng.shuffle(order)
             picked.append(order[cursor])
             cursor += 1
-        mine = [train_prompts[i] for i in picked[rank * prompts_per_rank:(rank + 1) * prompts_per_rank]]
+        draws += 1
+        seed = (cfg.seed * 1_000_003 + draws) * 4099 + rank * G * prompts_per_rank
+        return [train_prompts[i] for i in picked[rank * prompts_per_rank:(rank + 1) * prompts_per_rank]], seed
+
+    def sample_groups(prompts, seed):
+        """Rollout + reward for a list of prompts -> one (samples, scores, reward stats) per group."""
         t = time.perf_counter()
-        res = rollout.generate(engine, mine, n=G, temperature=cfg.temperature, top_p=cfg.top_p,
-                               max_tokens=cfg.max_response_length, seed=(cfg.seed * 1_000_003 + step) * 4099 + rank * G * prompts_per_rank,
-                               banned_ids=banned)
+        res = rollout.generate(engine, prompts, n=G, temperature=cfg.temperature, top_p=cfg.top_p,
+                               max_tokens=cfg.max_response_length, seed=seed, banned_ids=banned)
         samples = []
-        for p, r in zip(mine, res):
+        for p, r in zip(prompts, res):
             enc = data.encode_prompt(p, processor)
-            if step == 1 and enc["prompt_ids"].tolist() != r["prompt_token_ids"]:
+            if enc["prompt_ids"].tolist() != r["prompt_token_ids"]:
                 raise RuntimeError("vLLM's prompt token ids differ from the processor's: the sampler and "
                                    "the trainer would see different prompts (check the chat template)")
-            for ids, lps in r["samples"]:
-                samples.append({**enc, "response_ids": ids, "sampler_logp": torch.tensor(lps),
-                                "prompt": p})
-        timing["time/rollout"] = time.perf_counter() - t
-        # ---------------------------------------------------------------- reward
+            samples += [{**enc, "response_ids": ids, "sampler_logp": torch.tensor(lps), "prompt": p}
+                        for ids, lps in r["samples"]]
+        timing["time/rollout"] += time.perf_counter() - t
         t = time.perf_counter()
         inputs = [{"response": tokenizer.decode(s["response_ids"], skip_special_tokens=True),
                    "ground_truth": s["prompt"]["answer"], **s["prompt"]["row"]} for s in samples]
-        scores, reward_stats = reward.score_batch(reward_fn, inputs, timeout_s=cfg.reward_timeout)
+        scores, stats = reward.score_batch(reward_fn, inputs, timeout_s=cfg.reward_timeout)
+        for k, v in stats.items():
+            reward_stats[k] = reward_stats.get(k, 0.0) + v
+        timing["time/reward"] += time.perf_counter() - t
+        return [(samples[i:i + G], scores[i:i + G]) for i in range(0, len(samples), G)]
+
+    sft_rows = data.load_rows(specs["sft"]) if cfg.sft_data else None
+    sft_rng = random.Random(cfg.seed + rank)
+
+    def sft_samples(n):
+        """n expert samples (prompt + its `response` field) for the CHORD SFT term."""
+        out = []
+        for i in sft_rng.sample(range(len(sft_rows)), n):
+            row = sft_rows[i]
+            p = data.build_prompt(row, i, processor, format_prompt=format_prompt, min_pixels=cfg.min_pixels,
+                                  max_pixels=cfg.max_pixels, source=cfg.sft_data)
+            out.append({**data.encode_prompt(p, processor),
+                        "response_ids": tokenizer.encode(row["response"]) + [tokenizer.eos_token_id]})
+        return out
+
+    first_val = validate(0)
+    t_start = time.perf_counter()
+    for step in tqdm(range(1, cfg.max_steps + 1), disable=not master_process, desc="grpo"):
+        timing, t0 = {"time/rollout": 0.0, "time/reward": 0.0}, time.perf_counter()
+        reward_stats = {}
+        # ---------------------------------------------------------------- rollout and reward
+        # DAPO dynamic sampling keeps only groups whose accuracy varies (the others have zero
+        # advantage) and samples more prompts until the batch is full. It filters on accuracy, not on
+        # a score with the format bonus (EasyR1 filters on "overall": all-wrong well-formatted groups
+        # pass). Every rank takes part in every round, so FSDP sees the same micro-batch count.
+        groups, rounds = [], 0
+        while True:
+            rounds += 1
+            new = sample_groups(*next_prompts())
+            if cfg.dynamic_sampling and rounds < cfg.max_sample_tries:
+                acc = torch.tensor([s.get("accuracy", s["overall"]) for _, sc in new for s in sc])
+                keep = grpo.filter_groups(acc, G, low=cfg.filter_low, high=cfg.filter_high)
+                new = [g for g, k in zip(new, keep.tolist()) if k]
+            groups += new
+            if all_reduce({"short": float(len(groups) < prompts_per_rank)}, op=dist.ReduceOp.MAX)["short"] == 0:
+                break
+        groups = groups[:prompts_per_rank]
+        samples = [s for g, _ in groups for s in g]
+        scores = [s for _, sc in groups for s in sc]
         rewards = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
-        timing["time/reward"] = time.perf_counter() - t
-        # ---------------------------------------------------------------- advantages
-        if cfg.adv_estimator == "rloo":
-            adv = grpo.rloo_advantages(rewards, G)
-        else:
-            adv = grpo.group_advantages(rewards, G, std_norm=cfg.adv_std_norm)
-        for s, a in zip(samples, adv.tolist()):
-            s["adv"] = a
         # ---------------------------------------------------------------- old / ref log-probs
         t = time.perf_counter()
         old, entropy = logprobs(policy, samples, with_entropy=True)
@@ -452,12 +528,25 @@ def main(cfg):
                 s["ref_logp"] = r_
         diffs = torch.cat([(s["old_logp"] - s["sampler_logp"]).abs() for s in samples])
         timing["time/logprobs"] = time.perf_counter() - t
+        # ---------------------------------------------------------------- advantages
+        if cfg.kl_in_reward:  # the KL penalty as a cost in the reward (old vs ref), not a loss term
+            rewards = rewards - cfg.kl_coef * torch.stack(
+                [grpo.kl_penalty(s["old_logp"], s["ref_logp"], kind=cfg.kl_estimator).sum() for s in samples])
+        if cfg.adv_estimator == "rloo":
+            adv = grpo.rloo_advantages(rewards, G)
+        else:
+            adv = grpo.group_advantages(rewards, G, std_norm=cfg.adv_std_norm)
+        for s, a in zip(samples, adv.tolist()):
+            s["adv"] = a
         # ---------------------------------------------------------------- update
         t = time.perf_counter()
         per_update = len(samples) // updates_per_step  # this rank's sequences per optimizer step
+        mu = grpo.chord_mu(step, mu_peak=cfg.chord_mu_peak, mu_valley=cfg.chord_mu_valley,
+                           warmup_steps=cfg.chord_warmup_steps, decay_steps=cfg.chord_decay_steps) if sft_rows else 0.0
         updates = [optimizer_step(policy, optimizer, samples[u * per_update:(u + 1) * per_update], cfg,
-                                  use_kl=ref is not None, world_size=world_size, device=device,
-                                  pad_id=tokenizer.pad_token_id, banned_ids=banned)
+                                  use_kl=ref is not None and not cfg.kl_in_reward, world_size=world_size,
+                                  device=device, pad_id=tokenizer.pad_token_id, banned_ids=banned,
+                                  sft_chunk=sft_samples(cfg.sft_batch_size // world_size) if sft_rows else (), mu=mu)
                    for u in range(updates_per_step)]
         stats = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
         stats["ratio_max"] = max(u["ratio_max"] for u in updates)
@@ -466,17 +555,16 @@ def main(cfg):
         timing["time/sync"] = rollout.sync_weights(engine, policy)
         # ---------------------------------------------------------------- log
         timing["time/step"] = time.perf_counter() - t0
-        acc = [s.get("accuracy", s["overall"]) for s in scores]
         groups = rewards.view(-1, G)
-        local = {"reward/overall": rewards.mean().item(), "reward/format": sum(s.get("format", 0.0) for s in scores) / len(scores),
-                 "reward/accuracy": sum(acc) / len(acc), "adv/mean": adv.mean().item(), "adv/std": adv.std().item(),
+        local = {"adv/mean": adv.mean().item(), "adv/std": adv.std().item(),
                  "adv/abs_mean": adv.abs().mean().item(), "adv/zero_std_groups": (groups.std(1) == 0).float().mean().item(),
                  "response/length": sum(len(s["response_ids"]) for s in samples) / len(samples),
                  "response/entropy": torch.cat(entropy).mean().item(),
                  "rollout/logp_diff_mean": diffs.mean().item(),
                  **{k: v for k, v in stats.items() if k != "ratio_max"},
-                 **{k: v for k, v in reward_stats.items()}, **timing, "memory/peak_gb": peak_memory_gb()}
+                 "rollout/rounds": rounds, **reward_stats, **timing, "memory/peak_gb": peak_memory_gb()}
         record = {k: v / world_size for k, v in all_reduce(local).items()}
+        record.update(mean_scores(scores, "reward")[0])
         record.update(all_reduce({"rollout/logp_diff_max": diffs.max().item(), "ratio_max": stats["ratio_max"],
                                   "memory/peak_gb": local["memory/peak_gb"], "time/step": timing["time/step"]},
                                  op=dist.ReduceOp.MAX))
@@ -492,8 +580,10 @@ def main(cfg):
     if cfg.save_hf:
         modeling.save_hf(policy, processor, os.path.join(cfg.out_dir, "hf"), rank=rank)
     if first_val and last_val:
+        # The same validation with blank images: if the task needs the figure, this falls to chance.
+        blank = validate(cfg.max_steps, blank_images=True) if any(p["images"] for p in val_prompts) else {}
         print0(f"done: {cfg.max_steps} steps in {wall:.0f}s; val/accuracy {first_val['val/accuracy']:.3f} -> "
-               f"{last_val['val/accuracy']:.3f}, val/format {first_val['val/format']:.3f} -> {last_val['val/format']:.3f}")
+               f"{last_val['val/accuracy']:.3f}" + (f" (with blank images: {blank['val_blank/accuracy']:.3f})" if blank else ""))
     dist.barrier()
     # No destroy_process_group: vLLM tears down its groups (built on this world) at exit.
 

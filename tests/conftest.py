@@ -14,11 +14,10 @@ def tiny_dir(tmp_path_factory):
     """(model_dir, data_dir): random weights (no warm start) and 16 train / 8 test rows."""
     import data
     import model
-    import train
 
     root = tmp_path_factory.mktemp("tiny")
     data_dir = data.make_synthetic(str(root / "data"), n_train=16, n_test=8, seed=0)
     fmt = data.MATH_FORMAT_PROMPT.replace("{{ content | trim }}", "")
-    texts = [q + fmt for q in data.QUESTIONS] + [train.warm_start_response(k) for k in range(10)]
+    texts = [q + fmt for q in data.QUESTIONS] + [data.synthetic_response(k) for k in range(10)]
     model_dir = model.build_tiny_model(str(root / "model"), texts * 20, seed=0)
     return model_dir, data_dir
