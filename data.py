@@ -1,10 +1,11 @@
 """Dataset rows -> prompts and images for the sampler; rollouts -> padded tensors for the trainer.
 
-Rows follow Geometry3K's schema: `problem` (text with one `<image>` placeholder per image),
-`answer` (a string), `images` (a list). The sampler gets the chat text with ONE <|image_pad|> per
-image plus the PIL images (vLLM expands the pad itself); the trainer gets the processor's expanded
-ids with pixel_values and image_grid_thw. Passing expanded ids to vLLM silently corrupts prompts
-(TRL #6401), so the two are kept apart from here on.
+Rows follow Geometry3K's schema: `problem` (text with one `<image>` placeholder per image), `answer`,
+`images` (a list, maybe empty, of bytes, paths, PIL or {"bytes", "path"}), the keys renamable as in
+EasyR1 (prompt_key, answer_key, image_key); ms-swift's GRPO rows (`messages`, `solution`) load too.
+The sampler gets the chat text with ONE <|image_pad|> per image plus the PIL images (vLLM expands the
+pad itself); the trainer gets the processor's expanded ids with pixel_values and image_grid_thw.
+Passing expanded ids to vLLM silently corrupts prompts (TRL #6401), so the two are kept apart.
 """
 import collections
 import hashlib
@@ -90,7 +91,6 @@ def load_rows(spec):
     import datasets
 
     path, _, split = spec.partition("@")
-    split = split or "train"
     ext = os.path.splitext(path)[1].lower()
     if ext in (".parquet", ".json", ".jsonl"):
         if not os.path.isfile(path):
@@ -98,75 +98,60 @@ def load_rows(spec):
         builder = "parquet" if ext == ".parquet" else "json"
         try:
             return datasets.load_dataset(builder, data_files=path, split="train")
-        except datasets.exceptions.DatasetGenerationError as e:  # its own message says nothing; the cause does
+        except Exception as e:  # arrow/json errors, some wrapped in a DatasetGenerationError that says nothing
             raise ValueError(f"{spec}: cannot be read as {builder}: {e.__cause__ or e}") from e
     if os.path.isfile(path):
         raise ValueError(f"{spec}: unknown data file type {ext!r}; use .parquet, .json or .jsonl")
-    return datasets.load_dataset(path, split=split)
-
-
-PATCH = 28  # the processor's side unit (14-px patches merged 2x2); older smart_resize rejects a side < 28
-MAX_ASPECT = 200  # smart_resize raises for a long/short side ratio above this, in every version
+    return datasets.load_dataset(path, split=split or "train")
 
 
 def resize_image(img, min_pixels, max_pixels):
-    """Scale an image (keeping its aspect ratio) so its area lies in [min_pixels, max_pixels], then up
-    to a short side of 28 px (this wins over max_pixels for a very thin image). The aspect ratio is
-    left to the caller: no resize fixes a ratio over 200."""
+    """Scale an image (keeping its aspect ratio) so its area lies in [min_pixels, max_pixels] and its short
+    side is >= 28 px, the processor's unit (14-px patches merged 2x2): older smart_resize rejects less.
+    That wins over max_pixels. No resize fixes the other thing it rejects, an aspect ratio over 200."""
     img = img.convert("RGB")
     w, h = img.size
-    scale = 1.0
-    if w * h > max_pixels or w * h < min_pixels:
-        scale = math.sqrt((max_pixels if w * h > max_pixels else min_pixels) / (w * h))
-    scale = max(scale, PATCH / min(w, h))
+    scale = max(math.sqrt(min(max(w * h, min_pixels), max_pixels) / (w * h)), 28 / min(w, h))
     if scale != 1.0:
-        img = img.resize((max(PATCH, int(w * scale)), max(PATCH, int(h * scale))))
+        img = img.resize((max(28, int(w * scale)), max(28, int(h * scale))))
     return img
 
 
 def to_pil(image, root=None):
-    """PIL, bytes, a path (a relative one is taken from `root`, the data file's folder) or datasets'
-    undecoded {"bytes", "path"} -> a PIL image (opened lazily: a corrupt one fails on first use)."""
+    """PIL, bytes, a path (a relative one from `root`, the data file's folder) or datasets' undecoded
+    {"bytes", "path"} -> PIL (opened lazily: a corrupt image fails on first use)."""
     if isinstance(image, Image.Image):
         return image
-    if isinstance(image, dict):
-        image = image.get("bytes") or image.get("path")
+    image = (image.get("bytes") or image.get("path")) if isinstance(image, dict) else image
     if isinstance(image, (bytes, bytearray)):
         return Image.open(io.BytesIO(image))
-    if root and isinstance(image, str) and not os.path.isabs(image):
-        image = os.path.join(root, image)
-    return Image.open(image)
+    return Image.open(os.path.join(root, image) if root and isinstance(image, str) else image)
 
 
 class SkipRow(ValueError):
-    """A defect of one row, not of the dataset's format: load_prompts skips the row and counts it
-    under `reason`; a direct caller of build_prompt sees a plain ValueError."""
-
+    """A defect of one row, not of the dataset's format: load_prompts skips and counts it by `reason`."""
     def __init__(self, message, reason):
         super().__init__(message)
         self.reason = reason
 
 
 def swift_turns(messages, where):
-    """ms-swift's `messages` -> (user text, system text or None). A GRPO prompt is one user turn,
-    optionally after a system turn; multi-turn or list-valued content is refused, not guessed at."""
+    """ms-swift's `messages` -> (user text, system text or None); multi-turn is refused, not guessed at."""
     ok = isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
     roles = [m.get("role") for m in messages] if ok else None
     if roles not in (["user"], ["system", "user"]):
-        raise ValueError(f"{where} 'messages' must be an optional system turn then one user turn, both "
-                         f"with string content; got roles {roles}")
-    return messages[-1]["content"], messages[0]["content"] if len(messages) == 2 else None
+        raise ValueError(f"{where} 'messages' must be [system,] user turns with string content, got roles {roles}")
+    return messages[-1]["content"], messages[0]["content"] if roles[0] == "system" else None
 
 
 def build_prompt(row, index, processor, *, format_prompt=MATH_FORMAT_PROMPT, min_pixels=3136,
                  max_pixels=4194304, source="data", prompt_key="problem", answer_key="answer",
                  image_key="images", root=None):
     """One dataset row -> {"text", "images", "answer"}: the chat text with one image pad per image
-    (what vLLM takes) and the resized PIL images. Rows without `prompt_key` but with `messages` are
-    ms-swift's (answer in `solution` unless `answer_key` is there). Errors name source, row and field;
-    row defects raise SkipRow (see load_prompts), format errors a plain ValueError."""
-    where, system = f"{source}: row {index}: field", None
-    problem = row.get(prompt_key)
+    (what vLLM takes) and the resized PIL images. A row without `prompt_key` but with `messages` is
+    ms-swift's (answer in `solution` unless `answer_key` is there). Errors name source, row and
+    field; a row's own defect raises SkipRow (see load_prompts), a format error a plain ValueError."""
+    where, system, problem = f"{source}: row {index}: field", None, row.get(prompt_key)
     if problem is None and "messages" in row:
         (problem, system), prompt_key = swift_turns(row["messages"], where), "messages"
         answer_key = answer_key if answer_key in row else "solution"
@@ -175,10 +160,8 @@ def build_prompt(row, index, processor, *, format_prompt=MATH_FORMAT_PROMPT, min
     if not problem or not problem.strip():
         raise SkipRow(f"{where} '{prompt_key}' is missing or empty", "empty problem")
     answer = row.get(answer_key)
-    if isinstance(answer, float) and math.isnan(answer):  # a missing value in a float column
-        answer = None
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool):  # a number column: 3.0 -> "3"
-        answer = str(int(answer)) if float(answer).is_integer() else str(answer)
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):  # a number column: 3.0 -> "3", NaN -> None
+        answer = None if answer != answer else str(int(answer)) if float(answer).is_integer() else str(answer)
     if answer is not None and not isinstance(answer, str):
         raise ValueError(f"{where} '{answer_key}' is a {type(answer).__name__}, not a string or a number")
     if not answer or not answer.strip():
@@ -187,26 +170,23 @@ def build_prompt(row, index, processor, *, format_prompt=MATH_FORMAT_PROMPT, min
     images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
     if problem.count("<image>") != len(images):
         raise SkipRow(f"{where} '{prompt_key}' has {problem.count('<image>')} <image> placeholders but field "
-                      f"'{image_key}' has {len(images)} images", "<image> count != image count")
+                      f"'{image_key}' has {len(images)} images", "<image> count mismatch")
     pil = []
     for k, im in enumerate(images):
         try:
             pil.append(resize_image(to_pil(im, root), min_pixels, max_pixels))
-        except FileNotFoundError as e:
-            raise SkipRow(f"{where} '{image_key}': image {k}: no file {e.filename!r}", "missing image file") from e
-        except Exception as e:  # PIL raises many kinds on bad bytes: OSError, SyntaxError, ValueError, zlib.error
-            raise SkipRow(f"{where} '{image_key}': image {k} is unreadable ({e})", "unreadable image") from e
-        if max(pil[-1].size) / min(pil[-1].size) > MAX_ASPECT:
-            raise SkipRow(f"{where} '{image_key}': image {k} is {pil[-1].width}x{pil[-1].height}, over the "
-                          f"processor's aspect ratio limit {MAX_ASPECT}", f"image aspect ratio over {MAX_ASPECT}")
+        except Exception as e:  # PIL raises many kinds for bad bytes: OSError, SyntaxError, ValueError, zlib.error
+            reason = "missing image file" if isinstance(e, FileNotFoundError) else "unreadable image"
+            raise SkipRow(f"{where} '{image_key}': image {k}: {e}", reason) from e
+        if max(pil[-1].size) / min(pil[-1].size) > 200:  # see resize_image
+            raise SkipRow(f"{where} '{image_key}': image {k} is {pil[-1].width}x{pil[-1].height}, "
+                          "aspect ratio over 200", "image aspect ratio over 200")
     if format_prompt:
         problem = jinja2.Template(format_prompt).render(content=problem)
     content = []
     for i, chunk in enumerate(problem.split("<image>")):
-        if i > 0:
-            content.append({"type": "image"})
-        if chunk.strip():
-            content.append({"type": "text", "text": chunk})
+        content += [{"type": "image"}] if i > 0 else []
+        content += [{"type": "text", "text": chunk}] if chunk.strip() else []
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return {"text": text, "images": pil, "answer": answer.strip()}
@@ -214,47 +194,38 @@ def build_prompt(row, index, processor, *, format_prompt=MATH_FORMAT_PROMPT, min
 
 def plain(value):
     """JSON-like data: what a reward function takes and a process pickles cheaply (no image bytes)."""
-    if isinstance(value, (list, tuple)):
-        return all(plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple, dict)):
+        return all(plain(v) for v in (value.values() if isinstance(value, dict) else value))
     return value is None or isinstance(value, (str, int, float, bool))
 
 
 def load_prompts(spec, processor, *, format_prompt=MATH_FORMAT_PROMPT, min_pixels, max_pixels,
                  max_prompt_length, prompt_key="problem", answer_key="answer", image_key="images"):
     """load_rows(spec) -> (prompts, summary): build_prompt's dicts plus `row`, the row's other plain
-    fields for the reward (e.g. Geometry3K's `choices`), and a one-line report of what was skipped.
+    fields for the reward (e.g. Geometry3K's `choices`), and a line reporting every skip count.
 
-    Raise or skip: a defect of the dataset's format raises a ValueError naming the file (and row and
-    field where there is one): an unreadable file, a key that no row has, a non-string problem, a list
-    or dict answer, unsupported ms-swift turns. A defect of one row is skipped and counted by reason:
-    empty problem, missing answer, <image> count mismatch, unreadable or missing image, aspect ratio
-    over 200, a duplicate (same text, answer and image pixels) and a prompt longer than
-    max_prompt_length processor tokens (never truncated: a cut inside the image span breaks the
-    forward, EasyR1 #83). If more than half the rows are skipped, the dataset or the flags are
-    wrong, not a few rows, and that raises too.
-    """
+    A defect of the dataset's format raises a ValueError naming the file, row and field: unreadable
+    file, a key no row has, a non-string problem, a list or dict answer, ms-swift turns other than
+    [system,] user. A defect of one row is skipped and counted: empty problem or answer, <image>
+    count mismatch, unreadable or missing image, aspect ratio over 200, duplicate (same text, answer
+    and pixels), more than max_prompt_length processor tokens (never truncated: a cut inside the image
+    span breaks the forward, EasyR1 #83). Over half the rows skipped is a broken dataset: that raises."""
+    import datasets
+
     rows = load_rows(spec)
-    path = spec.partition("@")[0]
-    root = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else None
-    columns = rows.column_names
+    path, columns = spec.partition("@")[0], rows.column_names
+    root = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))  # relative image paths start here
     swift = prompt_key not in columns and "messages" in columns
     for key, alt in ((prompt_key, "messages"), (answer_key, "solution")):
         if key not in columns and not (swift and alt in columns):
             raise ValueError(f"{spec}: no row has field '{key}' (fields: {', '.join(columns)})")
-    if len(rows) == 0:
-        raise ValueError(f"{spec}: no rows")
-    if image_key in columns:  # decode images here, so a corrupt one is a skipped row, not an error in datasets
-        import datasets
-
-        feature = rows.features[image_key]
-        if isinstance(feature, datasets.Image):
-            rows = rows.cast_column(image_key, datasets.Image(decode=False))
-        elif isinstance(getattr(feature, "feature", None), datasets.Image):
-            rows = rows.cast_column(image_key, datasets.List(datasets.Image(decode=False)))
-    # Kept out of `row`: what the prompt already holds, and the reward's own input names.
-    used = {prompt_key, answer_key, image_key, "response", "ground_truth"} | ({"messages", "solution"} if swift else set())
+    # Decode images here, not in datasets, so that a corrupt one is a skipped row rather than a crash.
+    feature, undecoded = rows.features.get(image_key), datasets.Image(decode=False)
+    if isinstance(feature, datasets.Image):
+        rows = rows.cast_column(image_key, undecoded)
+    elif isinstance(getattr(feature, "feature", None), datasets.Image):  # a list of images, as in Geometry3K
+        rows = rows.cast_column(image_key, datasets.List(undecoded))
+    used = {prompt_key, answer_key, image_key} | ({"messages", "solution"} if swift else set())
     prompts, skipped, first, seen, dropped = [], collections.Counter(), {}, {}, set()
     for i in range(len(rows)):
         row = rows[i]
@@ -262,28 +233,26 @@ def load_prompts(spec, processor, *, format_prompt=MATH_FORMAT_PROMPT, min_pixel
             p = build_prompt(row, i, processor, format_prompt=format_prompt, min_pixels=min_pixels,
                              max_pixels=max_pixels, source=spec, prompt_key=prompt_key, answer_key=answer_key,
                              image_key=image_key, root=root)
+            key = (p["text"], p["answer"], *((im.size, hashlib.sha1(im.tobytes()).digest()) for im in p["images"]))
+            if key in seen:
+                raise SkipRow(f"row {i}: same as row {seen[key]}", "duplicate")
+            if (n := len(encode_prompt(p, processor)["prompt_ids"])) > max_prompt_length:
+                raise SkipRow(f"row {i}: {n} tokens", f"longer than {max_prompt_length} tokens")
         except SkipRow as e:
             skipped[e.reason] += 1
             first.setdefault(e.reason, str(e).removeprefix(f"{spec}: "))
             continue
-        key = (p["text"], p["answer"], tuple(hashlib.sha1(im.tobytes()).hexdigest() + str(im.size) for im in p["images"]))
-        n = 0 if key in seen else len(encode_prompt(p, processor)["prompt_ids"])
-        reason = "duplicate" if key in seen else f"longer than {max_prompt_length} tokens" if n > max_prompt_length else None
-        if reason:
-            skipped[reason] += 1
-            first.setdefault(reason, f"row {i}: " + (f"same as row {seen[key]}" if key in seen else f"{n} tokens"))
-            continue
         seen[key] = i
-        p["row"] = {k: v for k, v in row.items() if k not in used and plain(v)}
-        dropped |= {k for k, v in row.items() if k not in used and not plain(v)}
+        # The reward gets `response` and `ground_truth` from the trainer: a row field must not replace them.
+        p["row"] = {k: v for k, v in row.items()
+                    if k not in used and k not in ("response", "ground_truth") and plain(v)}
+        dropped |= row.keys() - used - p["row"].keys()
         prompts.append(p)
     summary = f"{spec}: {len(prompts)} prompts from {len(rows)} rows"
-    if skipped:
-        summary += "; skipped " + ", ".join(f"{c} {r} (first: {first[r]})" for r, c in skipped.items())
-    if dropped:
-        summary += f"; fields not passed to the reward (not plain data): {', '.join(sorted(dropped))}"
-    if 2 * sum(skipped.values()) > len(rows):
-        raise ValueError(f"{summary}. More than half the rows are skipped: check the dataset and the flags")
+    summary += "".join(f"; skipped {c} {r} (first: {first[r]})" for r, c in skipped.items())
+    summary += f"; fields not given to the reward: {', '.join(sorted(dropped))}" if dropped else ""
+    if 2 * sum(skipped.values()) > len(rows) or not prompts:
+        raise ValueError(f"{summary}. Over half the rows skipped (or no rows): check the data and the flags")
     return prompts, summary
 
 

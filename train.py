@@ -47,6 +47,9 @@ class Config:
     min_pixels: int = 262144  # images are resized so that their area lies in [min_pixels, max_pixels]
     max_pixels: int = 4194304
     max_prompt_length: int = 2048  # tokens after image expansion; longer prompts are skipped and counted
+    prompt_key: str = "problem"  # the row fields holding the prompt (with <image> placeholders), answer, images
+    answer_key: str = "answer"
+    image_key: str = "images"
     # --- rollout ---
     sampler: str = "vllm"  # vllm (in-process engine)
     num_generations: int = 5  # G, responses per prompt
@@ -341,19 +344,11 @@ def main(cfg):
         format_prompt = data.MATH_FORMAT_PROMPT
 
     def load_prompts(spec):
-        rows = data.load_rows(spec)
-        prompts, skipped = [], 0
-        for i in range(len(rows)):
-            row = rows[i]
-            p = data.build_prompt(row, i, processor, format_prompt=format_prompt, min_pixels=cfg.min_pixels,
-                                  max_pixels=cfg.max_pixels, source=spec)
-            # Never truncate: a cut through the image span breaks the forward (EasyR1 #83).
-            if len(data.encode_prompt(p, processor)["prompt_ids"]) > cfg.max_prompt_length:
-                skipped += 1
-                continue
-            p["row"] = {k: v for k, v in row.items() if k not in ("images", "problem", "answer")}
-            prompts.append(p)
-        print0(f"{spec}: {len(prompts)} prompts, {skipped} skipped as longer than {cfg.max_prompt_length} tokens")
+        prompts, summary = data.load_prompts(spec, processor, format_prompt=format_prompt, min_pixels=cfg.min_pixels,
+                                             max_pixels=cfg.max_pixels, max_prompt_length=cfg.max_prompt_length,
+                                             prompt_key=cfg.prompt_key, answer_key=cfg.answer_key,
+                                             image_key=cfg.image_key)
+        print0(summary)
         return prompts
 
     train_prompts = load_prompts(train_spec)
@@ -420,11 +415,12 @@ def main(cfg):
         if not val_prompts:
             return {}
         t0 = time.perf_counter()
-        mine = val_prompts[rank::world_size]
+        per = math.ceil(len(val_prompts) / world_size)  # contiguous shards: seeds follow the global index
+        mine = val_prompts[rank * per:(rank + 1) * per]
         if blank_images:
             mine = [{**p, "images": [Image.new("RGB", im.size, "white") for im in p["images"]]} for p in mine]
         res = rollout.generate(engine, mine, n=1, temperature=cfg.val_temperature, top_p=cfg.val_top_p,
-                               max_tokens=cfg.max_response_length, seed=cfg.seed + 7919 * rank, banned_ids=banned)
+                               max_tokens=cfg.max_response_length, seed=cfg.seed + rank * per, banned_ids=banned)
         inputs = [{"response": tokenizer.decode(r["samples"][0][0], skip_special_tokens=True),
                    "ground_truth": p["answer"], **p["row"]} for p, r in zip(mine, res)]
         scores, _ = reward.score_batch(reward_fn, inputs, timeout_s=cfg.reward_timeout)

@@ -1,4 +1,9 @@
-"""data.py: schema, errors that name the row, image bounds, batch layout."""
+"""data.py: schema, input formats, bad rows (raised or skipped and counted), image bounds, batch layout."""
+import io
+import json
+import pickle
+
+import datasets
 import pytest
 import torch
 from PIL import Image
@@ -75,3 +80,260 @@ def test_collate_left_pads_prompts_right_pads_responses():
     assert b["response_ids"].tolist() == [[1, 0, 0], [2, 3, 4]]
     assert b["response_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
     assert b["sampler_logp"].tolist() == [[-0.5, 0, 0], [-1.0, -2.0, -3.0]]
+
+
+# ----------------------------------------------------------------------------- load_prompts: formats and bad rows
+def png(size=(56, 56), color=(200, 0, 0)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def write_parquet(path, rows, features=None):
+    """Rows -> a parquet file; images are stored as datasets.Image (as Geometry3K on the hub is)."""
+    features = features or datasets.Features({"problem": datasets.Value("string"), "answer": datasets.Value("string"),
+                                              "images": datasets.List(datasets.Image())})
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+    return str(path)
+
+
+def good(n, tag="q"):
+    """n distinct text-only rows that always load."""
+    return [{"problem": f"{tag} {i}?", "answer": str(i)} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_dir[0])
+
+
+def load(spec, processor, **kw):
+    kw = {"min_pixels": 56 * 56, "max_pixels": 112 * 112, "max_prompt_length": 512, **kw}
+    return data.load_prompts(spec, processor, **kw)
+
+
+def test_geometry3k_parquet_passes_choices_to_the_reward(tmp_path, processor):
+    text = datasets.Value("string")
+    features = datasets.Features({"images": datasets.List(datasets.Image()), "problem": text, "answer": text,
+                                  "choices": datasets.List(text)})
+    rows = [{"images": [{"bytes": png((60, 40), (0, 0, 255)), "path": None}], "problem": "<image>Find x.",
+             "answer": "B", "choices": ["1", "2", "3", "4"]},
+            {"images": [{"bytes": png(), "path": None}], "problem": "<image>Find y.", "answer": "C",
+             "choices": ["5", "6", "7", "8"]}]
+    spec = write_parquet(tmp_path / "g3k.parquet", rows, features)
+    prompts, summary = load(spec, processor)
+    assert summary == f"{spec}: 2 prompts from 2 rows"
+    assert [p["answer"] for p in prompts] == ["B", "C"]
+    assert [p["row"] for p in prompts] == [{"choices": ["1", "2", "3", "4"]}, {"choices": ["5", "6", "7", "8"]}]
+    assert prompts[0]["images"][0].getpixel((0, 0)) == (0, 0, 255)
+    assert prompts[0]["images"][0].size == (68, 45)  # 60x40 scaled by sqrt(3136 / 2400), floored
+    assert prompts[0]["text"] == data.build_prompt(rows[0] | {"images": [Image.new("RGB", (60, 40))]}, 0,
+                                                   processor)["text"]
+
+
+def test_text_only_jsonl_has_no_images(tmp_path, processor):
+    spec = write_jsonl(tmp_path / "math.jsonl", [{"problem": "1+1?", "answer": "2", "level": 1},
+                                                 {"problem": "2+2?", "answer": "4", "images": [], "level": 2}])
+    prompts, summary = load(spec, processor)
+    assert summary == f"{spec}: 2 prompts from 2 rows"
+    assert [(p["images"], p["answer"], p["row"]) for p in prompts] == [([], "2", {"level": 1}), ([], "4", {"level": 2})]
+    assert "<|image_pad|>" not in prompts[0]["text"]
+    assert set(data.encode_prompt(prompts[0], processor)) == {"prompt_ids"}
+
+
+def test_ms_swift_jsonl_images_relative_to_the_file(tmp_path, processor, monkeypatch):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (56, 56), (0, 255, 0)).save(tmp_path / "imgs" / "a.png")
+    Image.new("RGB", (56, 56), (0, 0, 255)).save(tmp_path / "b.png")
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>x?"}],
+             "images": ["imgs/a.png"], "solution": "3", "source": "geo"},
+            {"messages": [{"role": "user", "content": "<image>y?"}], "images": [str(tmp_path / "b.png")],
+             "solution": "4", "source": "geo"}]
+    spec = write_jsonl(tmp_path / "swift.jsonl", rows)
+    monkeypatch.chdir(tmp_path / "imgs")  # a path relative to the working directory would not find imgs/a.png
+    prompts, summary = load(spec, processor)
+    assert summary == f"{spec}: 2 prompts from 2 rows"
+    assert [p["images"][0].getpixel((0, 0)) for p in prompts] == [(0, 255, 0), (0, 0, 255)]
+    assert [p["answer"] for p in prompts] == ["3", "4"]
+    assert [p["row"] for p in prompts] == [{"source": "geo"}, {"source": "geo"}]
+    assert prompts[0]["text"].startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<|vision_start|>")
+    assert prompts[1]["text"].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+
+
+def test_ms_swift_multi_turn_is_an_error(tmp_path, processor):
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    spec = write_jsonl(tmp_path / "swift.jsonl", [{"messages": turns, "solution": "1"}])
+    with pytest.raises(ValueError, match=r"swift.jsonl: row 0: field 'messages' must be \[system,\] user turns with "
+                                         r"string content, got roles \['user', 'assistant', 'user'\]"):
+        load(spec, processor)
+
+
+def test_key_flags_rename_the_fields(tmp_path, processor):
+    (tmp_path / "a.png").write_bytes(png())
+    spec = write_jsonl(tmp_path / "k.jsonl", [{"question": "<image>q?", "gt": "7", "pics": ["a.png"], "answer": "x"}])
+    prompts, _ = load(spec, processor, prompt_key="question", answer_key="gt", image_key="pics")
+    assert (prompts[0]["answer"], len(prompts[0]["images"]), prompts[0]["row"]) == ("7", 1, {"answer": "x"})
+    with pytest.raises(ValueError, match=r"k.jsonl: no row has field 'problem' \(fields: question, gt, pics, answer\)"):
+        load(spec, processor)
+
+
+def test_multi_image_row_with_every_image_type(tmp_path, processor):
+    colors = [(10, 0, 0), (20, 0, 0), (30, 0, 0), (40, 0, 0), (50, 0, 0)]
+    (tmp_path / "c.png").write_bytes(png(color=colors[2]))
+    (tmp_path / "e.png").write_bytes(png(color=colors[4]))
+    images = [Image.new("RGB", (56, 56), colors[0]), png(color=colors[1]), str(tmp_path / "c.png"),
+              {"bytes": png(color=colors[3]), "path": None}, {"bytes": None, "path": "e.png"}]
+    row = {"problem": "<image>" * 5 + "Which is darkest?", "answer": "A", "images": images}
+    p = data.build_prompt(row, 0, processor, root=str(tmp_path))
+    assert [im.getpixel((0, 0)) for im in p["images"]] == colors
+    assert p["text"].count("<|image_pad|>") == 5
+    assert data.encode_prompt(p, processor)["image_grid_thw"].tolist() == [[1, 4, 4]] * 5
+
+
+def test_over_long_prompts_are_skipped_not_truncated(tmp_path, processor):
+    rows = good(3) + [{"problem": "a much longer question " * 10 + "?", "answer": "1"}]
+    spec = write_jsonl(tmp_path / "long.jsonl", rows)
+    lengths = [len(data.encode_prompt(data.build_prompt(r, 0, processor), processor)["prompt_ids"]) for r in rows]
+    assert max(lengths[:3]) < lengths[3]
+    limit = lengths[3] - 1  # between the short rows and the long one
+    prompts, summary = load(spec, processor, max_prompt_length=limit)
+    assert [p["answer"] for p in prompts] == ["0", "1", "2"]
+    assert summary == (f"{spec}: 3 prompts from 4 rows; skipped 1 longer than {limit} tokens "
+                       f"(first: row 3: {lengths[3]} tokens)")
+    assert [p["text"] for p in prompts] == [data.build_prompt(r, 0, processor)["text"] for r in rows[:3]]  # untouched
+    assert len(load(spec, processor, max_prompt_length=lengths[3])[0]) == 4  # exactly the limit is allowed
+    with pytest.raises(ValueError, match=rf"0 prompts from 4 rows; skipped 4 longer than 5 tokens \(first: row 0: "
+                                         rf"{lengths[0]} tokens\)\. Over half the rows skipped"):
+        load(spec, processor, max_prompt_length=5)
+
+
+def test_corrupt_image_bytes_are_skipped(tmp_path, processor):
+    rows = [{"problem": f"<image>{i}", "answer": "1", "images": [{"bytes": png(), "path": None}]} for i in range(3)]
+    rows[1]["images"] = [{"bytes": b"not an image", "path": None}]
+    rows[2]["images"] = [{"bytes": png()[:60], "path": None}]  # a truncated PNG: the header reads, the pixels do not
+    spec = write_parquet(tmp_path / "bad.parquet", rows + good(3))
+    prompts, summary = load(spec, processor)
+    assert len(prompts) == 4
+    assert summary.startswith(f"{spec}: 4 prompts from 6 rows; skipped 2 unreadable image (first: row 1: field "
+                              "'images': image 0: cannot identify image file")
+    with pytest.raises(data.SkipRow, match=r"row 2: field 'images': image 0: image file is truncated"):
+        data.build_prompt(rows[2], 2, processor)
+
+
+def test_missing_image_file_is_skipped(tmp_path, processor):
+    (tmp_path / "here.png").write_bytes(png())
+    rows = [{"problem": "<image>a", "answer": "1", "images": ["here.png"]},
+            {"problem": "<image>b", "answer": "1", "images": ["gone.png"]}] + good(1)
+    spec = write_jsonl(tmp_path / "m.jsonl", rows)
+    prompts, summary = load(spec, processor)
+    assert [p["answer"] for p in prompts] == ["1", "0"]
+    assert summary == (f"{spec}: 2 prompts from 3 rows; skipped 1 missing image file (first: row 1: field 'images': "
+                       f"image 0: [Errno 2] No such file or directory: '{tmp_path / 'gone.png'}')")
+
+
+def test_image_placeholder_count_mismatch_is_skipped(tmp_path, processor):
+    (tmp_path / "a.png").write_bytes(png())
+    rows = [{"problem": "<image><image>two?", "answer": "1", "images": ["a.png"]},
+            {"problem": "none?", "answer": "1", "images": ["a.png"]}] + good(3)
+    prompts, summary = load(write_jsonl(tmp_path / "c.jsonl", rows), processor)
+    assert len(prompts) == 3
+    assert summary.endswith("; skipped 2 <image> count mismatch (first: row 0: field 'problem' has 2 <image> "
+                            "placeholders but field 'images' has 1 images)")
+
+
+def test_missing_or_empty_answer_and_empty_problem_are_skipped(tmp_path, processor):
+    rows = [{"problem": "a?", "answer": ""}, {"problem": "b?", "answer": "  "}, {"problem": "c?"},
+            {"problem": "", "answer": "1"}, {"answer": "1"}] + good(6)
+    spec = write_jsonl(tmp_path / "e.jsonl", rows)
+    prompts, summary = load(spec, processor)
+    assert len(prompts) == 6
+    assert summary == (f"{spec}: 6 prompts from 11 rows; skipped 3 missing or empty answer (first: row 0: field "
+                       "'answer' is missing or empty); skipped 2 empty problem (first: row 3: field 'problem' is "
+                       "missing or empty)")
+
+
+def test_numeric_answers_become_strings_lists_are_an_error(tmp_path, processor):
+    spec = write_jsonl(tmp_path / "n.jsonl", [{"problem": "a?", "answer": 3}, {"problem": "b?", "answer": 2.5},
+                                              {"problem": "c?", "answer": 4.0}])
+    assert [p["answer"] for p in load(spec, processor)[0]] == ["3", "2.5", "4"]
+    spec = write_jsonl(tmp_path / "l.jsonl", good(2) + [{"problem": "c?", "answer": [1, 2]}])
+    with pytest.raises(ValueError, match=r"l.jsonl: row 2: field 'answer' is a list, not a string or a number$"):
+        load(spec, processor)
+    with pytest.raises(ValueError, match=r"row 0: field 'answer' is a dict"):
+        data.build_prompt({"problem": "x", "answer": {"a": 1}}, 0, processor)
+
+
+def test_non_string_problem_is_an_error(tmp_path, processor):
+    spec = write_jsonl(tmp_path / "p.jsonl", good(2) + [{"problem": ["a", "b"], "answer": "1"}])
+    with pytest.raises(ValueError, match=r"p.jsonl: row 2: field 'problem' is a list, not a string$"):
+        load(spec, processor)
+
+
+def test_tiny_images_are_scaled_to_what_the_processor_takes(tmp_path, processor):
+    # Older smart_resize versions raise for a side < 28 px; all of them for an aspect ratio > 200.
+    for size in [(1, 1), (5, 200), (200, 5), (1, 199)]:
+        img = data.resize_image(Image.new("RGB", size), 56 * 56, 112 * 112)
+        assert min(img.size) >= 28 and max(img.size) / min(img.size) <= 200, (size, img.size)
+    rows = [{"problem": "<image>a", "answer": "1", "images": [{"bytes": png((1, 1)), "path": None}]},
+            {"problem": "<image>b", "answer": "1", "images": [{"bytes": png((5, 200)), "path": None}]},
+            {"problem": "<image>c", "answer": "1", "images": [{"bytes": png((1, 300)), "path": None}]}] + good(1)
+    spec = write_parquet(tmp_path / "t.parquet", rows)
+    prompts, summary = load(spec, processor)
+    assert [p["images"][0].size for p in prompts[:2]] == [(56, 56), (28, 1120)]
+    # The processor's own resize keeps the 28-px side and shrinks the long one to its max_pixels (112 * 112).
+    grids = [data.encode_prompt(p, processor)["image_grid_thw"].tolist() for p in prompts[:2]]
+    assert grids == [[[1, 4, 4]], [[1, 50, 2]]]
+    assert summary.endswith("skipped 1 image aspect ratio over 200 (first: row 2: field 'images': image 0 is "
+                            "28x8400, aspect ratio over 200)")
+
+
+def test_duplicates_are_skipped(tmp_path, processor):
+    red, blue = {"bytes": png(color=(255, 0, 0)), "path": None}, {"bytes": png(color=(0, 0, 255)), "path": None}
+    rows = [{"problem": "<image>n?", "answer": "1", "images": [red]},
+            {"problem": "<image>n?", "answer": "1", "images": [red]},   # duplicate of row 0
+            {"problem": "<image>n?", "answer": "1", "images": [blue]},  # another image
+            {"problem": "<image>n?", "answer": "2", "images": [red]},   # another answer
+            {"problem": "<image>m?", "answer": "1", "images": [red]}]   # another text
+    spec = write_parquet(tmp_path / "d.parquet", rows)
+    prompts, summary = load(spec, processor)
+    assert len(prompts) == 4
+    assert summary == f"{spec}: 4 prompts from 5 rows; skipped 1 duplicate (first: row 1: same as row 0)"
+
+
+def test_more_than_half_skipped_raises_half_does_not(tmp_path, processor):
+    rows = good(2) + [{"problem": "x?", "answer": ""}] * 2
+    assert len(load(write_jsonl(tmp_path / "half.jsonl", rows), processor)[0]) == 2
+    with pytest.raises(ValueError, match=r"1 prompts from 3 rows; skipped 2 missing or empty answer .*Over half"):
+        load(write_jsonl(tmp_path / "most.jsonl", rows[1:]), processor)
+
+
+def test_row_fields_are_plain_data(tmp_path, processor):
+    features = datasets.Features({"problem": datasets.Value("string"), "answer": datasets.Value("string"),
+                                  "blob": datasets.Value("binary"), "response": datasets.Value("string"),
+                                  "meta": {"id": datasets.Value("int64")}})
+    rows = [{"problem": f"{i}?", "answer": "1", "blob": png(), "response": "r", "meta": {"id": i}} for i in range(2)]
+    spec = write_parquet(tmp_path / "f.parquet", rows, features)
+    prompts, summary = load(spec, processor)
+    assert [p["row"] for p in prompts] == [{"meta": {"id": 0}}, {"meta": {"id": 1}}]
+    assert summary.endswith("; fields not given to the reward: blob, response")
+    assert pickle.loads(pickle.dumps(prompts[0]["row"])) == {"meta": {"id": 0}}
+
+
+def test_unreadable_or_unknown_files_name_the_file(tmp_path, processor):
+    (tmp_path / "broken.jsonl").write_text('{"problem": "a", \n')
+    with pytest.raises(ValueError, match=r"broken.jsonl: cannot be read as json: "):
+        load(str(tmp_path / "broken.jsonl"), processor)
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"broken.parquet: cannot be read as parquet: "):
+        load(str(tmp_path / "broken.parquet"), processor)
+    (tmp_path / "rows.csv").write_text("problem,answer\na,1\n")
+    with pytest.raises(ValueError, match=r"rows.csv: unknown data file type '.csv'"):
+        load(str(tmp_path / "rows.csv"), processor)
