@@ -268,8 +268,8 @@ def encode_prompt(prompt, processor):
 
 # ----------------------------------------------------------------------------- batching
 def collate(samples, pad_id):
-    """Samples (dicts with prompt_ids, response_ids, optional pixel_values/image_grid_thw and any
-    per-token float tensors listed in `token_keys`) -> one batch.
+    """Samples (dicts with prompt_ids, response_ids, optional pixel_values/image_grid_thw and the
+    per-token floats sampler_logp/old_logp/ref_logp) -> one batch.
 
     Layout (EasyR1/verl): prompts LEFT-padded to P, responses RIGHT-padded to T, so every response
     starts at column P and logits[:, P-1:P+T-1] predict it. Returns input_ids/attention_mask (B, P+T),
