@@ -196,3 +196,39 @@ def save_hf(model, processor, out_dir, *, rank):
         model.save_pretrained(out_dir, state_dict=state)
         processor.save_pretrained(out_dir)
     return out_dir
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, model, optimizer, extra, *, rank):
+    """Sharded model + optimizer (torch.distributed.checkpoint: each rank writes its own shards) and
+    this rank's `extra` (step, data position, RNG states). Written to `path.tmp` and renamed when
+    every rank is done, so a crash mid-save never leaves a folder that looks complete."""
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = path + ".tmp"
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)  # the remains of a save that crashed
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    torch.save(extra, os.path.join(tmp, f"extra_rank{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        os.rename(tmp, path)
+    dist.barrier()
+
+
+def load_checkpoint(path, model, optimizer, *, rank):
+    """Restore what save_checkpoint wrote, in place; returns this rank's `extra`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return torch.load(os.path.join(path, f"extra_rank{rank}.pt"), weights_only=False)

@@ -15,7 +15,9 @@ import json
 import math
 import os
 import random
+import re
 import resource
+import shutil
 import socket
 import sys
 import time
@@ -101,6 +103,9 @@ class Config:
     val_top_p: float = 0.95
     val_max_prompts: int = 0  # 0 = the whole validation set
     save_hf: bool = True  # write out_dir/hf at the end
+    save_freq: int = 0  # checkpoint (model, optimizer, data position, RNG) every save_freq steps; 0 = never
+    save_limit: int = 2  # keep the newest save_limit checkpoints
+    resume: str = ""  # "auto" = the newest checkpoint in out_dir/checkpoints, or a checkpoint folder
     # --- tiny default ---
     warm_start_steps: int = 150  # SFT steps that teach the tiny random model the answer format (random answers)
     warm_start_grounded_steps: int = 30  # then SFT steps on the true answers, stopped while accuracy is at chance
@@ -365,6 +370,15 @@ def main(cfg):
                                  enforce_eager=cfg.vllm_enforce_eager)
     # vLLM seeds the global RNGs when it starts; re-seed ours so runs are reproducible.
     torch.manual_seed(cfg.seed + rank)
+    ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
+    resume_from = cfg.resume
+    if resume_from == "auto":
+        done = sorted((int(d[5:]), d) for d in os.listdir(ckpt_root) if re.fullmatch(r"step_\d+", d)) \
+            if os.path.isdir(ckpt_root) else []
+        resume_from = os.path.join(ckpt_root, done[-1][1]) if done else ""
+    extra = modeling.load_checkpoint(resume_from, policy, optimizer, rank=rank) if resume_from else None
+    if extra:
+        print0(f"resumed from {resume_from} (step {extra['step']})")
     rollout.sync_weights(engine, policy)
 
     G = cfg.num_generations
@@ -489,9 +503,27 @@ def main(cfg):
                         "response_ids": tokenizer.encode(row["response"]) + [tokenizer.eos_token_id]})
         return out
 
-    first_val = validate(0)
+    def save(step):
+        """A checkpoint that resumes exactly: weights, Adam state, the data order and position, RNGs."""
+        state = {"step": step, "order": order, "cursor": cursor, "draws": draws, "order_rng": order_rng.getstate(),
+                 "sft_rng": sft_rng.getstate(), "torch_rng": torch.get_rng_state()}
+        modeling.save_checkpoint(os.path.join(ckpt_root, f"step_{step}"), policy, optimizer, state, rank=rank)
+        if master_process:
+            done = sorted(int(d[5:]) for d in os.listdir(ckpt_root) if re.fullmatch(r"step_\d+", d))
+            for old_step in done[:-cfg.save_limit]:
+                shutil.rmtree(os.path.join(ckpt_root, f"step_{old_step}"))
+
+    start = 1
+    if extra:
+        start = extra["step"] + 1
+        order, cursor, draws = extra["order"], extra["cursor"], extra["draws"]
+        order_rng.setstate(extra["order_rng"])
+        sft_rng.setstate(extra["sft_rng"])
+        torch.set_rng_state(extra["torch_rng"])
+    first_val = validate(0) if start == 1 else {}
     t_start = time.perf_counter()
-    for step in tqdm(range(1, cfg.max_steps + 1), disable=not master_process, desc="grpo"):
+    for step in tqdm(range(start, cfg.max_steps + 1), disable=not master_process, desc="grpo",
+                     initial=start - 1, total=cfg.max_steps):
         timing, t0 = {"time/rollout": 0.0, "time/reward": 0.0}, time.perf_counter()
         reward_stats = {}
         # ---------------------------------------------------------------- rollout and reward
@@ -570,6 +602,9 @@ def main(cfg):
         # ---------------------------------------------------------------- eval
         if step % cfg.val_freq == 0 and step != cfg.max_steps:
             validate(step)
+        # ---------------------------------------------------------------- checkpoint
+        if cfg.save_freq and step % cfg.save_freq == 0:
+            save(step)
     last_val = validate(cfg.max_steps)
     wall = time.perf_counter() - t_start
     # ---------------------------------------------------------------- save

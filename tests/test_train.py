@@ -3,9 +3,11 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -39,24 +41,33 @@ def test_readme_flags_table_matches_config():
         assert documented[name] == str(default), (name, documented[name], default)
 
 
-def run_train(tmp_path, nproc, name):
-    out = tmp_path / name
+def train_cmd(tmp_path, nproc, out, *extra):
     flags = [f"--cache_dir={tmp_path / 'cache'}", f"--out_dir={out}", "--warm_start_steps=3", "--max_steps=2",
              "--rollout_batch_size=8", "--global_batch_size=4", "--num_generations=4", "--micro_batch_size=6",
-             "--val_max_prompts=8", "--max_response_length=16"]
+             "--val_max_prompts=8", "--max_response_length=16", *extra]
     if nproc == 1:
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags]
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(port), os.path.join(ROOT, "train.py"), *flags]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+        return [sys.executable, os.path.join(ROOT, "train.py"), *flags]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(port), os.path.join(ROOT, "train.py"), *flags]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def read_metrics(out):
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    return out, [r for r in lines if "reward/overall" in r], [r for r in lines if "val/accuracy" in r], res.stdout
+    return [r for r in lines if "reward/overall" in r], [r for r in lines if "val/accuracy" in r]
+
+
+def run_train(tmp_path, nproc, name, *extra):
+    out = tmp_path / name
+    res = subprocess.run(train_cmd(tmp_path, nproc, out, *extra), capture_output=True, text=True, timeout=600,
+                         cwd=str(tmp_path), env=ENV)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return (out, *read_metrics(out), res.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +110,40 @@ def test_final_model_loads_and_matches_the_trainer(runs):
     start = AutoModelForImageTextToText.from_pretrained(next((out.parent / "cache").glob("model-*")))
     changed = [n for n, p in model.state_dict().items() if not p.equal(start.state_dict()[n])]
     assert len(changed) > 0.9 * len(start.state_dict())  # the saved model is the trained one
+
+
+def test_resume_after_sigkill_repeats_the_same_steps(tmp_path):
+    """2 ranks, checkpoints every 2 steps: a run SIGKILLed after its step-2 checkpoint and resumed
+    with --resume=auto logs steps 3-4 exactly as the uninterrupted run does. The random reward gives
+    nonzero advantages, so the steps really update the weights and Adam's state."""
+    extra = ("--reward=random", "--save_freq=2", "--max_steps=4", "--save_hf=false")
+    _, whole, _, _ = run_train(tmp_path, 2, "whole", *extra)
+    out = tmp_path / "killed"
+    # The two ranks launched by hand (torchrun puts its workers in sessions of their own, out of
+    # reach of one killpg), both in one process group: SIGKILL takes the whole job at once.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        group = {"process_group": 0 if rank == 0 else procs[0].pid}  # rank 0 leads a new group
+        procs.append(subprocess.Popen(train_cmd(tmp_path, 1, out, *extra), cwd=str(tmp_path), env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **group))
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step_2").exists() and procs[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(procs[0].pid, signal.SIGKILL)
+    for p in procs:
+        p.wait()
+    assert (out / "checkpoints" / "step_2").exists() and not (out / "checkpoints" / "step_4").exists()
+    _, resumed, _, stdout = run_train(tmp_path, 2, "killed", *extra, "--resume=auto")
+    assert "resumed from" in stdout and f"{out}/checkpoints/step_2" in stdout
+    last = {r["step"]: r for r in resumed}  # a step logged before the kill is logged again: take the last
+    for step in (3, 4):
+        a, b = whole[step - 1], last[step]
+        assert a["grad_norm"] > 0
+        for key in a:
+            if not key.startswith(("time/", "memory/")):
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (step, key)
