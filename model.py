@@ -7,13 +7,13 @@
 - `token_logprobs` runs the forward with explicit 3-D mRoPE positions and returns log p(token) for
   the response tokens only.
 """
-import json
 import os
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+import grpo
 
 # Qwen's special tokens, in Qwen2.5-VL's order (their ids follow the BPE vocabulary in the tiny model).
 SPECIAL_TOKENS = [
@@ -180,7 +180,7 @@ def token_logprobs(model, batch, *, temperature=1.0, banned_ids=(), with_entropy
     if not with_entropy:
         return logp
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        entropy = grpo.token_entropy(logits)  # of the sampling distribution, for logging
     return logp, entropy
 
 
