@@ -163,7 +163,6 @@ def prepare_tiny(cache_dir, *, warm_start_steps, grounded_steps, seed=0):
     warm-start (see warm_start) teaches the format and leaves accuracy at chance; every point of
     validation accuracy above that is earned by RL.
     """
-
     data_dir = os.path.join(cache_dir, "data")
     model_dir = os.path.join(cache_dir, f"model-ws{warm_start_steps}-g{grounded_steps}")  # one per warm-start recipe
     if not os.path.exists(os.path.join(data_dir, "sft.parquet")):
@@ -177,7 +176,9 @@ def prepare_tiny(cache_dir, *, warm_start_steps, grounded_steps, seed=0):
     texts += ["You are a helpful assistant.", "system user assistant", "Find x. \\frac{1}{2} \\sqrt{3} 60^\\circ"]
     raw_dir = os.path.join(cache_dir, "random")
     modeling.build_tiny_model(raw_dir, texts * 20, seed=seed)
-    warm_start(raw_dir, data_dir, model_dir, steps=warm_start_steps, grounded_steps=grounded_steps, seed=seed)
+    # Written aside and renamed: an interrupted build never leaves a model folder that looks complete.
+    warm_start(raw_dir, data_dir, model_dir + ".tmp", steps=warm_start_steps, grounded_steps=grounded_steps, seed=seed)
+    os.replace(model_dir + ".tmp", model_dir)
     return model_dir, data_dir
 
 
