@@ -15,7 +15,7 @@ import train  # noqa: E402
 
 
 
-def main(model_dir, data_dir, out_path):
+def main(model_dir, data_dir, out_path, mixed="plain"):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     from transformers import AutoProcessor
@@ -27,6 +27,8 @@ def main(model_dir, data_dir, out_path):
     samples = []  # the same 8 samples on every rank, responses of different lengths
     for i in range(8):
         prompt = data.build_prompt(rows[i], i, processor, min_pixels=56 * 56, max_pixels=112 * 112)
+        if mixed == "mixed" and i >= 4:  # the second half text-only: on 2 ranks, rank 1 sees no image at all
+            prompt = data.build_prompt({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}, i, processor)
         length = 2 + (5 * i) % 11
         samples.append({**data.encode_prompt(prompt, processor), "adv": float(torch.randn(1, generator=g)),
                         "response_ids": torch.randint(0, n_plain, (length,), generator=g).tolist()})
@@ -52,4 +54,4 @@ def main(model_dir, data_dir, out_path):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -337,3 +337,15 @@ def test_unreadable_or_unknown_files_name_the_file(tmp_path, processor):
     (tmp_path / "rows.csv").write_text("problem,answer\na,1\n")
     with pytest.raises(ValueError, match=r"rows.csv: unknown data file type '.csv'"):
         load(str(tmp_path / "rows.csv"), processor)
+
+
+def test_custom_format_prompt_template_wraps_the_problem(tiny_dir, tmp_path):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_dir[0])
+    template = tmp_path / "r1v.jinja"  # what --format_prompt=path reads
+    template.write_text("{{ content | trim }} Put the answer in <answer> </answer> tags.")
+    row = {"problem": "  <image> Find x.  ", "answer": "2", "images": [Image.new("RGB", (56, 56))]}
+    p = data.build_prompt(row, 0, processor, format_prompt=template.read_text())
+    assert "<|vision_end|> Find x. Put the answer in <answer> </answer> tags.<|im_end|>" in p["text"]
+    assert "You FIRST" not in p["text"]
