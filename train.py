@@ -317,7 +317,7 @@ def main(cfg):
     # "tiny" and "synthetic..." name the CPU default, built once (by rank 0) in cache_dir.
     specs = {"model": cfg.model_path, "train": cfg.train_data, "val": cfg.val_data, "sft": cfg.sft_data}
     if cfg.model_path == "tiny" or any(v.startswith("synthetic") for v in specs.values()):
-        if master_process:
+        if master_process:  # cache_dir, like out_dir, must be on a filesystem every node sees
             prepare_tiny(cfg.cache_dir, warm_start_steps=cfg.warm_start_steps,
                          grounded_steps=cfg.warm_start_grounded_steps)
         dist.barrier()  # the other ranks wait, then take the same (already built) paths

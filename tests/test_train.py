@@ -147,3 +147,26 @@ def test_resume_after_sigkill_repeats_the_same_steps(tmp_path):
         for key in a:
             if not key.startswith(("time/", "memory/")):
                 assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (step, key)
+
+
+def test_two_nodes_of_one_rank_each(tmp_path, runs):
+    """torchrun --nnodes 2 as two launchers on localhost: ranks come from the node rank, not the
+    local rank (both are local rank 0), and the run is the same as one launcher with 2 ranks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "nodes"
+    flags = train_cmd(tmp_path, 1, out)[2:]  # train.py's flags
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                                   str(node), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port",
+                                   str(port), os.path.join(ROOT, "train.py"), *flags], cwd=str(tmp_path), env=ENV,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    results = [p.communicate(timeout=600) for p in launchers]
+    assert all(p.returncode == 0 for p in launchers), results[0][1][-3000:] + results[1][1][-3000:]
+    assert "world 2 on cpu" in results[0][0]
+    steps, vals = read_metrics(out)
+    assert [r["step"] for r in steps] == [1, 2] and all(r["rollout/logp_diff_max"] < 1e-4 for r in steps)
+    assert [v["val/n"] for v in vals] == [8, 8]
+    (_, one_launcher, _, _) = runs[1]
+    for key in ("reward/overall", "response/length", "loss/policy"):  # both nodes sampled their own share
+        assert steps[0][key] == pytest.approx(one_launcher[0][key], abs=1e-5), key
