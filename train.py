@@ -224,6 +224,13 @@ def all_reduce(values, op=dist.ReduceOp.SUM):
     return dict(zip(keys, t.tolist()))
 
 
+def micro_batches(samples, size, pad_id, device):
+    """(samples, padded batch on device) for consecutive slices of `size` samples."""
+    for j in range(0, len(samples), size):
+        micro = samples[j:j + size]
+        yield micro, {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.collate(micro, pad_id).items()}
+
+
 def optimizer_step(policy, optimizer, chunk, cfg, *, use_kl, world_size, device, pad_id, banned_ids,
                    sft_chunk=(), mu=0.0):
     """One optimizer step on this rank's share `chunk` of a mini-batch (samples with old_logp,
@@ -238,9 +245,7 @@ def optimizer_step(policy, optimizer, chunk, cfg, *, use_kl, world_size, device,
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "kl": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "ratio_max": 0.0}
 
     def batches(samples):
-        for j in range(0, len(samples), cfg.micro_batch_size):
-            micro = samples[j:j + cfg.micro_batch_size]
-            mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.collate(micro, pad_id).items()}
+        for micro, mb in micro_batches(samples, cfg.micro_batch_size, pad_id, device):
             yield micro, mb, modeling.token_logprobs(policy, mb, temperature=cfg.temperature, banned_ids=banned_ids)
 
     for micro, mb, logp in batches(chunk):
@@ -397,15 +402,11 @@ def main(cfg):
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
 
-    def to_device(batch):
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
     def logprobs(model, samples, with_entropy=False):
         """Per-sample log-prob lists under `model`, computed in micro-batches without gradients."""
         out, ent = [], []
         with torch.no_grad():
-            for j in range(0, len(samples), cfg.micro_batch_size):
-                mb = to_device(data.collate(samples[j:j + cfg.micro_batch_size], tokenizer.pad_token_id))
+            for _, mb in micro_batches(samples, cfg.micro_batch_size, tokenizer.pad_token_id, device):
                 res = modeling.token_logprobs(model, mb, temperature=cfg.temperature, banned_ids=banned,
                                               with_entropy=with_entropy)
                 lp, e = res if with_entropy else (res, None)
