@@ -2,7 +2,9 @@
 
 Rows follow Geometry3K's schema: `problem` (text with one `<image>` placeholder per image), `answer`,
 `images` (a list, maybe empty, of bytes, paths, PIL or {"bytes", "path"}), the keys renamable as in
-EasyR1 (prompt_key, answer_key, image_key); ms-swift's GRPO rows (`messages`, `solution`) load too.
+EasyR1 (prompt_key, answer_key, image_key); ms-swift's GRPO rows (`messages`, `solution`) load too. Offline
+rows add their responses: SFT (ms-swift's query/response, or `messages` ending in the assistant turn) and
+preference pairs (ms-swift's `messages` + `rejected_response`, TRL's prompt/chosen/rejected).
 The sampler gets the chat text with ONE <|image_pad|> per image plus the PIL images (vLLM expands the
 pad itself); the trainer gets the processor's expanded ids with pixel_values and image_grid_thw.
 Passing expanded ids to vLLM silently corrupts prompts (TRL #6401), so the two are kept apart.
@@ -10,6 +12,7 @@ Passing expanded ids to vLLM silently corrupts prompts (TRL #6401), so the two a
 import collections
 import hashlib
 import io
+import json
 import math
 import os
 import random
@@ -60,14 +63,16 @@ QUESTIONS = ["<image>How many shapes are in the figure?", "<image>Count the shap
 def make_synthetic(out_dir, *, n_train=2000, n_test=200, seed=0):
     """Write train.parquet / test.parquet in Geometry3K's schema for a task that needs the image:
     count the shapes drawn in a 2x2 grid (answer 1-4; the text never tells), and sft.parquet: the
-    train rows with an expert `response` (for CHORD). Returns out_dir."""
+    train rows with an expert `response` (for CHORD). The train rows again, as ms-swift jsonl with the
+    images in images/ (relative paths): sft.jsonl (query/response) and pref.jsonl (messages ending in
+    the right count, rejected_response a wrong one), for offline SFT and MPO. Returns out_dir."""
     import datasets
 
     rng = random.Random(seed)
     os.makedirs(out_dir, exist_ok=True)
     features = datasets.Features({"problem": datasets.Value("string"), "answer": datasets.Value("string"),
                                   "images": datasets.List(datasets.Image())})
-    tables = {}
+    tables, raw = {}, {}
     for split, n in [("train", n_train), ("test", n_test)]:
         rows = {"problem": [], "answer": [], "images": []}
         for _ in range(n):
@@ -77,8 +82,21 @@ def make_synthetic(out_dir, *, n_train=2000, n_test=200, seed=0):
             rows["problem"].append(rng.choice(QUESTIONS))
             rows["answer"].append(str(count))
             rows["images"].append([{"bytes": buf.getvalue(), "path": None}])
-        tables[split] = datasets.Dataset.from_dict(rows, features=features)
+        raw[split], tables[split] = rows, datasets.Dataset.from_dict(rows, features=features)
         tables[split].to_parquet(os.path.join(out_dir, f"{split}.parquet"))
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    jsonl = {"sft.jsonl": [], "pref.jsonl": []}
+    for i, (query, answer, images) in enumerate(zip(*raw["train"].values())):
+        # No "train" in the name: load_dataset(out_dir) would infer a split of images from images/train_*.png.
+        path, wrong = f"images/{i}.png", rng.choice([a for a in "1234" if a != answer])
+        with open(os.path.join(out_dir, path), "wb") as f:
+            f.write(images[0]["bytes"])
+        jsonl["sft.jsonl"].append({"query": query, "response": synthetic_response(answer), "images": [path]})
+        turns = [{"role": "user", "content": query}, {"role": "assistant", "content": synthetic_response(answer)}]
+        jsonl["pref.jsonl"].append({"messages": turns, "rejected_response": synthetic_response(wrong), "images": [path]})
+    for name, lines in jsonl.items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
     sft = tables["train"].add_column("response", [synthetic_response(a) for a in tables["train"]["answer"]])
     sft.to_parquet(os.path.join(out_dir, "sft.parquet"))  # written last: its presence means the data is complete
     return out_dir
@@ -135,37 +153,64 @@ class SkipRow(ValueError):
         self.reason = reason
 
 
-def swift_turns(messages, where):
-    """ms-swift's `messages` -> (user text, system text or None); multi-turn is refused, not guessed at."""
+def swift_turns(messages, where, reply=False):
+    """ms-swift's `messages` -> (user text, system text or None, assistant text or None): [system,] user, then
+    with `reply` one assistant turn (the response, or the chosen one). Multi-turn is refused, not guessed at."""
     ok = isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
-    roles = [m.get("role") for m in messages] if ok else None
-    if roles not in (["user"], ["system", "user"]):
-        raise ValueError(f"{where} 'messages' must be [system,] user turns with string content, got roles {roles}")
-    return messages[-1]["content"], messages[0]["content"] if roles[0] == "system" else None
+    roles, tail = [m.get("role") for m in messages] if ok else None, ["assistant"] * reply
+    if roles not in (["user"] + tail, ["system", "user"] + tail):
+        raise ValueError(f"{where} 'messages' must be [system,] user{', assistant' * reply} turns with string "
+                         f"content, got roles {roles}")
+    texts = [m["content"] for m in messages] + [None] * (not reply)  # ..., user, assistant or None
+    return texts[-2], texts[0] if roles[0] == "system" else None, texts[-1]
+
+
+def text_field(value, key, where, reason):
+    """A field that must hold text: not a string is a format error, missing or blank the row's (SkipRow)."""
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where} '{key}' is a {type(value).__name__}, not a string")
+    if not value or not value.strip():
+        raise SkipRow(f"{where} '{key}' is missing or empty", reason)
+    return value
+
+
+# The texts an offline row adds to its prompt, by kind: name -> the fields that may hold it, first found wins.
+# "messages" stands for the assistant turn of ms-swift's `messages`: the response (SFT) or the chosen one.
+RESPONSES = {"prompt": {}, "sft": {"response": ("response", "messages")},
+             "pref": {"chosen": ("chosen", "messages"), "rejected": ("rejected", "rejected_response")}}
 
 
 def build_prompt(row, index, processor, *, format_prompt=MATH_FORMAT_PROMPT, min_pixels=3136,
                  max_pixels=4194304, source="data", prompt_key="problem", answer_key="answer",
-                 image_key="images", root=None):
+                 image_key="images", root=None, kind="prompt"):
     """One dataset row -> {"text", "images", "answer"}: the chat text with one image pad per image
     (what vLLM takes) and the resized PIL images. A row without `prompt_key` but with `messages` is
-    ms-swift's (answer in `solution` unless `answer_key` is there). Errors name source, row and
-    field; a row's own defect raises SkipRow (see load_prompts), a format error a plain ValueError."""
-    where, system, problem = f"{source}: row {index}: field", None, row.get(prompt_key)
-    if problem is None and "messages" in row:
-        (problem, system), prompt_key = swift_turns(row["messages"], where), "messages"
+    ms-swift's (answer in `solution` unless `answer_key` is there). kind "sft" / "pref" adds RESPONSES'
+    texts ("response" / "chosen", "rejected"), takes the prompt from `query` or `prompt` too, and makes
+    the answer optional (None). Errors name source, row and field; a row's own defect raises SkipRow
+    (see load_prompts), a format error a plain ValueError."""
+    where, system, reply, problem = f"{source}: row {index}: field", None, None, row.get(prompt_key)
+    if problem is None and kind != "prompt":  # ms-swift's SFT `query`, TRL's preference `prompt`
+        prompt_key = next((k for k in ("query", "prompt") if row.get(k) is not None), prompt_key)
+        problem = row.get(prompt_key)
+    if problem is None and row.get("messages") is not None:
+        (problem, system, reply), prompt_key = swift_turns(row["messages"], where, kind != "prompt"), "messages"
         answer_key = answer_key if answer_key in row else "solution"
-    if problem is not None and not isinstance(problem, str):
-        raise ValueError(f"{where} '{prompt_key}' is a {type(problem).__name__}, not a string")
-    if not problem or not problem.strip():
-        raise SkipRow(f"{where} '{prompt_key}' is missing or empty", "empty problem")
+    problem = text_field(problem, prompt_key, where, "empty problem")
     answer = row.get(answer_key)
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):  # a number column: 3.0 -> "3", NaN -> None
         answer = None if answer != answer else str(int(answer)) if float(answer).is_integer() else str(answer)
     if answer is not None and not isinstance(answer, str):
         raise ValueError(f"{where} '{answer_key}' is a {type(answer).__name__}, not a string or a number")
-    if not answer or not answer.strip():
+    answer = (answer or "").strip() or None  # offline rows may have none; an RL prompt must
+    if answer is None and kind == "prompt":
         raise SkipRow(f"{where} '{answer_key}' is missing or empty", "missing or empty answer")
+    texts, fields = {}, {**row, "messages": reply}
+    for name, keys in RESPONSES[kind].items():
+        key = max(keys, key=lambda k: (fields.get(k) is not None, k in fields))  # the first set, else first present
+        texts[name] = text_field(fields.get(key), key, where, f"missing or empty {name}")
+    if kind == "pref" and texts["rejected"] == texts["chosen"]:
+        raise SkipRow(f"{where} '{key}' is the chosen response", "rejected same as chosen")
     images = row.get(image_key)
     images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
     if problem.count("<image>") != len(images):
@@ -189,7 +234,7 @@ def build_prompt(row, index, processor, *, format_prompt=MATH_FORMAT_PROMPT, min
         content += [{"type": "text", "text": chunk}] if chunk.strip() else []
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return {"text": text, "images": pil, "answer": answer.strip()}
+    return {"text": text, "images": pil, "answer": answer, **texts}
 
 
 def plain(value):
@@ -200,7 +245,7 @@ def plain(value):
 
 
 def load_prompts(spec, processor, *, format_prompt=MATH_FORMAT_PROMPT, min_pixels, max_pixels,
-                 max_prompt_length, prompt_key="problem", answer_key="answer", image_key="images"):
+                 max_prompt_length, prompt_key="problem", answer_key="answer", image_key="images", kind="prompt"):
     """load_rows(spec) -> (prompts, summary): build_prompt's dicts plus `row`, the row's other plain
     fields for the reward (e.g. Geometry3K's `choices`), and a line reporting every skip count.
 
@@ -209,15 +254,21 @@ def load_prompts(spec, processor, *, format_prompt=MATH_FORMAT_PROMPT, min_pixel
     [system,] user. A defect of one row is skipped and counted: empty problem or answer, <image>
     count mismatch, unreadable or missing image, aspect ratio over 200, duplicate (same text, answer
     and pixels), more than max_prompt_length processor tokens (never truncated: a cut inside the image
-    span breaks the forward, EasyR1 #83). Over half the rows skipped is a broken dataset: that raises."""
+    span breaks the forward, EasyR1 #83). Over half the rows skipped is a broken dataset: that raises.
+    kind "sft" / "pref" loads offline rows (see build_prompt): a missing or empty response is skipped, as is
+    a pair whose rejected text is the chosen one; duplicates must repeat the responses too."""
     import datasets
 
+    if kind not in RESPONSES:
+        raise ValueError(f"unknown kind {kind!r}, expected one of: {', '.join(RESPONSES)}")
     rows = load_rows(spec)
     path, columns = spec.partition("@")[0], rows.column_names
     root = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))  # relative image paths start here
     swift = prompt_key not in columns and "messages" in columns
-    for key, alt in ((prompt_key, "messages"), (answer_key, "solution")):
-        if key not in columns and not (swift and alt in columns):
+    needed = {prompt_key: ("messages",) + ("query", "prompt") * (kind != "prompt")}  # a field, or one of its stand-ins
+    needed |= {answer_key: ("solution",) * swift} if kind == "prompt" else {k[0]: k for k in RESPONSES[kind].values()}
+    for key, alternatives in needed.items():
+        if key not in columns and not set(alternatives) & set(columns):
             raise ValueError(f"{spec}: no row has field '{key}' (fields: {', '.join(columns)})")
     # Decode images here, not in datasets, so that a corrupt one is a skipped row rather than a crash.
     feature, undecoded = rows.features.get(image_key), datasets.Image(decode=False)
@@ -225,15 +276,16 @@ def load_prompts(spec, processor, *, format_prompt=MATH_FORMAT_PROMPT, min_pixel
         rows = rows.cast_column(image_key, undecoded)
     elif isinstance(getattr(feature, "feature", None), datasets.Image):  # a list of images, as in Geometry3K
         rows = rows.cast_column(image_key, datasets.List(undecoded))
-    used = {prompt_key, answer_key, image_key} | ({"messages", "solution"} if swift else set())
+    used = {prompt_key, answer_key, image_key, *(k for keys in needed.values() for k in keys)}
     prompts, skipped, first, seen, dropped = [], collections.Counter(), {}, {}, set()
     for i in range(len(rows)):
         row = rows[i]
         try:
             p = build_prompt(row, i, processor, format_prompt=format_prompt, min_pixels=min_pixels,
                              max_pixels=max_pixels, source=spec, prompt_key=prompt_key, answer_key=answer_key,
-                             image_key=image_key, root=root)
-            key = (p["text"], p["answer"], *((im.size, hashlib.sha1(im.tobytes()).digest()) for im in p["images"]))
+                             image_key=image_key, root=root, kind=kind)
+            key = (p["text"], p["answer"], *(p[k] for k in RESPONSES[kind]),
+                   *((im.size, hashlib.sha1(im.tobytes()).digest()) for im in p["images"]))
             if key in seen:
                 raise SkipRow(f"row {i}: same as row {seen[key]}", "duplicate")
             if (n := len(encode_prompt(p, processor)["prompt_ids"])) > max_prompt_length:
@@ -248,7 +300,7 @@ def load_prompts(spec, processor, *, format_prompt=MATH_FORMAT_PROMPT, min_pixel
                     if k not in used and k not in ("response", "ground_truth") and plain(v)}
         dropped |= row.keys() - used - p["row"].keys()
         prompts.append(p)
-    summary = f"{spec}: {len(prompts)} prompts from {len(rows)} rows"
+    summary = f"{spec}: {len(prompts)} {'prompts' if kind == 'prompt' else kind + ' examples'} from {len(rows)} rows"
     summary += "".join(f"; skipped {c} {r} (first: {first[r]})" for r, c in skipped.items())
     summary += f"; fields not given to the reward: {', '.join(sorted(dropped))}" if dropped else ""
     if 2 * sum(skipped.values()) > len(rows) or not prompts:

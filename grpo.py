@@ -1,5 +1,5 @@
 """
-GRPO math: advantages, ratios, clipped surrogate, KL, aggregation, SFT mixing. Pure torch.
+GRPO math: advantages, ratios, clipped surrogate, KL, aggregation, SFT mixing; MPO. Pure torch.
 
 The objective, in words. For each prompt we sample a group of G responses (G consecutive rows of
 the batch) and score them. A response's advantage is its reward relative to its group: minus the
@@ -11,6 +11,8 @@ advantages the loss is capped at |A| c ("dual clip"). GSPO (arXiv 2507.18071) re
 per-token ratio with the sequence's geometric-mean ratio. A k3 estimate of KL(pi || pi_ref) is
 added to the loss, and all per-token terms are averaged over the valid tokens of the batch.
 CHORD (arXiv 2508.11408) optionally mixes in an SFT loss on expert data: (1 - mu) L_rl + mu L_sft.
+MPO (arXiv 2411.10442) learns offline from (chosen, rejected) pairs: 0.8 DPO + 0.2 BCO + 1.0 SFT, on
+each response's logratio = sum_t (logp_t - ref_logp_t) over its valid tokens = log pi(y|x) - log pi_ref(y|x).
 
 Defaults are EasyR1's example config, our seed: eps_low 0.2, eps_high 0.3, dual clip c = 3,
 token-mean aggregation, k3 KL in the loss with coefficient 1e-2 (the coefficient is the caller's).
@@ -29,6 +31,7 @@ collectives here: for micro-batches and ranks, aggregate() takes the global coun
 import math
 
 import torch
+import torch.nn.functional as F
 
 LOG_RATIO_MAX = 20.0  # exp(20) ~ 5e8: a ratio that large is already "infinitely off-policy"
 
@@ -149,11 +152,10 @@ def policy_loss(logp, old_logp, adv, mask, *, ratio_level="token", clip_eps_low=
 def kl_penalty(logp, ref_logp, kind="k3"):
     """Per-token estimate of KL(pi || pi_ref) from sampled tokens (Schulman's k1/k2/k3). (B, T).
 
-    With d = logp - ref_logp: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (unbiased, >= 0, and
-    of lower variance than k1), abs = |d|. k3 clamps d inside the exp to +-20 as EasyR1/verl
-    do, so exp cannot overflow. Unlike them we do not clamp k3 itself to [-10, 10]: that would
-    zero its gradient exactly where the policy has drifted farthest below the reference
-    (d < -2.6).
+    With d = logp - ref_logp: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (unbiased, >= 0, and of lower
+    variance than k1), abs = |d|. k3 clamps d inside the exp to +-20 as EasyR1/verl do, so exp cannot
+    overflow. Unlike them we do not clamp k3 itself to [-10, 10]: that would zero its gradient exactly
+    where the policy has drifted farthest below the reference (d < -2.6).
     The mask is the caller's (aggregate); pass finite values under it if you need finite grads.
     """
     d = logp - ref_logp
@@ -198,9 +200,7 @@ def aggregate(x, mask, mode="token_mean", *, num_tokens=None, num_seqs=None, max
 
 
 def filter_groups(scores, group_size, low=0.01, high=0.99):
-    """DAPO dynamic sampling: keep the groups whose mean score is strictly inside (low, high).
-
-    Returns a (B / G,) bool tensor.
+    """DAPO dynamic sampling: keep the groups whose mean score is strictly inside (low, high). (B / G,) bool.
 
     Groups that are all right or all wrong have zero advantage and only dilute the batch. Filter
     on accuracy, never on a score that includes the format bonus: EasyR1 filters on "overall",
@@ -286,3 +286,45 @@ def token_entropy(logits):
     p = logp.exp()
     logp = torch.where(p > 0, logp, torch.zeros_like(logp))
     return -(p * logp).sum(dim=-1)
+
+
+
+
+def dpo_loss(chosen_logratio, rejected_logratio, beta=0.1):
+    """DPO's sigmoid loss per pair (arXiv 2305.18290): -log sigmoid(beta (c - r)), log 2 where c = r. (B,) ->
+    (loss (B,), metrics): the share of pairs with beta c > beta r (a tie misses, as in TRL), the mean beta (c - r)."""
+    m = beta * (chosen_logratio - rejected_logratio)
+    d = m.detach()
+    return -F.logsigmoid(m), {"reward_accuracy": (d > 0).to(d.dtype).mean(), "reward_margin": d.mean()}
+
+
+def bco_pair_loss(chosen_logratio, rejected_logratio, beta=0.1, delta=0.0):
+    """BCO (arXiv 2404.04656) on pairs, MPO's quality loss: each response is classified alone, good or
+    bad, by its reward r = beta * logratio against the shift delta (bco_delta; no gradient). (B,) ->
+    (loss (B,), metrics): -log sigmoid(r_c - delta) - log sigmoid(-(r_r - delta))."""
+    r_c, r_r, delta = beta * chosen_logratio, beta * rejected_logratio, float(delta)
+    loss = -F.logsigmoid(r_c - delta) - F.logsigmoid(delta - r_r)
+    return loss, {"reward_chosen": r_c.detach().mean(), "reward_rejected": r_r.detach().mean()}
+
+
+def bco_delta(delta, num_batches, rewards):
+    """BCO's shift after one more batch, a float: the running mean of batch means, delta + (mean(rewards) -
+    delta) / (num_batches + 1) (rewards: that batch's r_c and r_r; num_batches: those already in delta), as
+    TRL 0.10's RunningMoments fed one mean per forward (MPO's code), whose delta includes the batch it shifts.
+    The paper's is of "previous rewards": updated once per optimizer step, it is one value for all ranks."""
+    return delta + (float(torch.as_tensor(rewards).detach().mean()) - delta) / (num_batches + 1)
+
+
+def mpo_loss(chosen_logratio, rejected_logratio, chosen_logp, chosen_mask, *, beta=0.1, delta=0.0,
+             weights=(0.8, 0.2, 1.0), num_pairs=None, num_tokens=None):
+    """MPO: w_dpo L_dpo + w_bco L_bco + w_sft L_sft, weights the paper's (TRL's loss_weights for sigmoid,
+    bco_pair, sft). L_sft: the NLL of the chosen tokens, chosen_logp (B, T) under chosen_mask, token-mean like
+    TRL's nll_loss. Pair terms are summed / num_pairs, L_sft / num_tokens: for micro-batches pass the whole
+    batch's counts and sum the results (see aggregate). Returns (scalar loss, metrics)."""
+    dpo, metrics = dpo_loss(chosen_logratio, rejected_logratio, beta)
+    bco, bco_metrics = bco_pair_loss(chosen_logratio, rejected_logratio, beta, delta)
+    n = chosen_logratio.numel() if num_pairs is None else num_pairs
+    parts = {"dpo": dpo.sum() / n, "bco": bco.sum() / n,
+             "sft": aggregate(sft_loss(chosen_logp, chosen_mask), chosen_mask, num_tokens=num_tokens)}
+    loss = sum(w * parts[k] for w, k in zip(weights, ("dpo", "bco", "sft"), strict=True))
+    return loss, metrics | bco_metrics | {f"loss_{k}": v.detach() for k, v in parts.items()}

@@ -3,7 +3,9 @@ number here in the same commit, with the reason), not an accident."""
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUDGET = {"grpo.py": 330, "model.py": 300, "rollout.py": 200, "reward.py": 360, "data.py": 300, "train.py": 650}
+# data.py 300 -> 355 (issue 5): offline rows, SFT and preference pairs in ms-swift's and TRL's forms, through
+# load_prompts(kind=...), and the synthetic sft.jsonl / pref.jsonl; about 50 lines, a third of them docstrings.
+BUDGET = {"grpo.py": 330, "model.py": 300, "rollout.py": 200, "reward.py": 360, "data.py": 355, "train.py": 650}
 
 
 def test_modules_within_budget():

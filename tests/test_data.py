@@ -349,3 +349,93 @@ def test_custom_format_prompt_template_wraps_the_problem(tiny_dir, tmp_path):
     p = data.build_prompt(row, 0, processor, format_prompt=template.read_text())
     assert "<|vision_end|> Find x. Put the answer in <answer> </answer> tags.<|im_end|>" in p["text"]
     assert "You FIRST" not in p["text"]
+
+
+# ----------------------------------------------------------------------------- offline rows: SFT and preference pairs
+def pixels(p):
+    return [im.tobytes() for im in p["images"]]
+
+
+def test_synthetic_sft_and_preference_jsonl_round_trip(tiny_dir, processor, monkeypatch):
+    monkeypatch.chdir("/")  # the image paths are relative to the files' folder, not the working directory
+    train, _ = load(f"{tiny_dir[1]}/train.parquet", processor)
+    sft, summary = load(f"{tiny_dir[1]}/sft.jsonl", processor, kind="sft")
+    assert summary == f"{tiny_dir[1]}/sft.jsonl: 16 sft examples from 16 rows"
+    chord, _ = load(f"{tiny_dir[1]}/sft.parquet", processor, kind="sft")  # CHORD's problem/answer/response rows
+    pref, summary = load(f"{tiny_dir[1]}/pref.jsonl", processor, kind="pref")
+    assert summary == f"{tiny_dir[1]}/pref.jsonl: 16 pref examples from 16 rows"
+    for t, s, c, p in zip(train, sft, chord, pref, strict=True):
+        assert t["text"] == s["text"] == c["text"] == p["text"] and pixels(t) == pixels(s) == pixels(p)
+        assert s["response"] == c["response"] == p["chosen"] == data.synthetic_response(t["answer"])
+        assert p["rejected"] in {data.synthetic_response(k) for k in "1234"} - {p["chosen"]}
+        assert s["answer"] is None and p["answer"] is None and c["answer"] == t["answer"]
+        assert set(p) == {"text", "images", "answer", "chosen", "rejected", "row"}
+
+
+def test_sft_rows_in_query_and_messages_form(tmp_path, processor, monkeypatch):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (56, 56), (0, 255, 0)).save(tmp_path / "imgs" / "a.png")
+    rows = [{"query": "<image>How many?", "response": "Three.", "images": ["imgs/a.png"]},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4"}], "solution": "4"}]
+    spec = write_jsonl(tmp_path / "sft.jsonl", rows)
+    monkeypatch.chdir(tmp_path / "imgs")
+    prompts, summary = load(spec, processor, kind="sft")
+    assert summary == f"{spec}: 2 sft examples from 2 rows"
+    assert [(p["response"], p["answer"]) for p in prompts] == [("Three.", None), ("4", "4")]
+    assert prompts[0]["images"][0].getpixel((0, 0)) == (0, 255, 0)
+    as_prompt = data.build_prompt({"problem": "<image>How many?", "answer": "x", "images": [Image.new("RGB", (56, 56))]},
+                                  0, processor)
+    assert prompts[0]["text"] == as_prompt["text"]  # the same chat text as an RL prompt
+    assert prompts[1]["text"].startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?")
+    assert "4<|im_end|>" not in prompts[1]["text"]  # the assistant turn is the target, not part of the prompt
+
+
+def test_preference_rows_in_ms_swift_and_trl_form(tmp_path, processor):
+    (tmp_path / "a.png").write_bytes(png(color=(0, 0, 255)))
+    swift = {"messages": [{"role": "user", "content": "<image>Count."}, {"role": "assistant", "content": "good"}],
+             "rejected_response": "bad", "images": ["a.png"]}
+    trl = {"prompt": "What is 1+1?", "chosen": "2", "rejected": "3", "images": []}
+    for rows in ([swift], [trl], [swift, trl]):  # one form per file, or both in one file
+        prompts, _ = load(write_jsonl(tmp_path / "pref.jsonl", rows), processor, kind="pref")
+        assert [(p["chosen"], p["rejected"]) for p in prompts] == [(r.get("chosen", "good"), r.get("rejected", "bad"))
+                                                                   for r in rows]
+    assert prompts[0]["images"][0].getpixel((0, 0)) == (0, 0, 255) and prompts[1]["images"] == []
+    assert prompts[1]["text"] == data.build_prompt({"problem": "What is 1+1?", "answer": "2"}, 0, processor)["text"]
+
+
+def test_offline_rows_skip_and_count_bad_rows(tmp_path, processor):
+    turns = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]  # noqa: E731
+    rows = [{"messages": turns(f"q{i}?", f"a{i}"), "rejected_response": f"b{i}"} for i in range(4)]
+    rows += [{"messages": turns("q4?", ""), "rejected_response": "b"},         # empty chosen turn
+             {"messages": turns("q5?", "a5"), "rejected_response": None},      # no rejected response
+             {"messages": turns("q6?", "same"), "rejected_response": "same"},  # nothing to prefer
+             {"messages": turns("q0?", "a0"), "rejected_response": "b0"},      # duplicate of row 0
+             {"messages": turns("q0?", "a0"), "rejected_response": "c0"}]      # another pair, same prompt: kept
+    spec = write_jsonl(tmp_path / "p.jsonl", rows)
+    prompts, summary = load(spec, processor, kind="pref")
+    assert [(p["chosen"], p["rejected"]) for p in prompts] == [("a0", "b0"), ("a1", "b1"), ("a2", "b2"), ("a3", "b3"),
+                                                               ("a0", "c0")]
+    assert summary == (f"{spec}: 5 pref examples from 9 rows; skipped 1 missing or empty chosen (first: row 4: field "
+                       "'messages' is missing or empty); skipped 1 missing or empty rejected (first: row 5: field "
+                       "'rejected_response' is missing or empty); skipped 1 rejected same as chosen (first: row 6: field "
+                       "'rejected_response' is the chosen response); skipped 1 duplicate (first: row 7: same as row 0)")
+    with pytest.raises(ValueError, match=r"1 pref examples from 4 rows; .*Over half the rows skipped"):
+        load(write_jsonl(tmp_path / "q.jsonl", rows[3:7]), processor, kind="pref")
+    sft = [{"query": f"q{i}?", "response": f"r{i}" if i else "  "} for i in range(3)]
+    prompts, summary = load(write_jsonl(tmp_path / "s.jsonl", sft), processor, kind="sft")
+    assert summary.endswith("; skipped 1 missing or empty response (first: row 0: field 'response' is missing or empty)")
+
+
+def test_offline_format_errors_name_file_row_and_field(tmp_path, processor):
+    spec = write_jsonl(tmp_path / "s.jsonl", [{"query": "q?", "images": []}])
+    with pytest.raises(ValueError, match=r"s.jsonl: no row has field 'response' \(fields: query, images\)"):
+        load(spec, processor, kind="sft")
+    spec = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "q?"}]}])
+    with pytest.raises(ValueError, match=r"m.jsonl: row 0: field 'messages' must be \[system,\] user, assistant turns "
+                                         r"with string content, got roles \['user'\]"):
+        load(spec, processor, kind="sft")
+    with pytest.raises(ValueError, match=r"p.jsonl: row 3: field 'chosen' is a list, not a string$"):
+        data.build_prompt({"prompt": "q?", "chosen": ["a"], "rejected": "b"}, 3, processor, source="p.jsonl", kind="pref")
+    with pytest.raises(ValueError, match=r"unknown kind 'dpo', expected one of: prompt, sft, pref"):
+        load(spec, processor, kind="dpo")

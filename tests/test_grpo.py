@@ -527,3 +527,106 @@ def test_token_entropy_matches_naive_loop():
             want[-1].append(-sum(q * math.log(q) for q in p))
     close(grpo.token_entropy(logits), want)
     assert grpo.token_entropy(logits.to(torch.bfloat16)).dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- MPO
+
+def softplus(x):  # -log sigmoid(-x) = log(1 + e^x), written out for the hand values below
+    return math.log(1.0 + math.exp(x))
+
+
+def test_dpo_loss_hand_values_metrics_and_gradients():
+    # beta .5, c - r = [2, 0, -2] -> margins m = [1, 0, -1]; loss -log sigmoid(m) = log(1 + e^-m).
+    # d loss / d c = -beta sigmoid(-m) = -.5 / (1 + e^m), and + that for r.
+    c, r = t([2.0, 0.0, -1.0]).requires_grad_(), t([0.0, 0.0, 1.0]).requires_grad_()
+    loss, metrics = grpo.dpo_loss(c, r, beta=0.5)
+    close(loss, [softplus(-1.0), LN2, softplus(1.0)])  # equal log-ratios: log 2
+    close(metrics["reward_accuracy"], 1 / 3)  # the tie (m = 0) is not counted as right
+    close(metrics["reward_margin"], 0.0)
+    loss.sum().backward()
+    want = [-0.5 / (1 + math.e), -0.25, -0.5 / (1 + math.exp(-1.0))]
+    close(c.grad, want)
+    close(r.grad, [-g for g in want])
+    assert (c.grad < 0).all()  # raising the chosen log-ratio always lowers the loss
+
+
+def test_dpo_loss_limits_and_shift_invariance():
+    c, r = t([1000.0, -1000.0, 3.0, 13.0]), t([-1000.0, 1000.0, 1.0, 11.0])
+    loss, _ = grpo.dpo_loss(c, r, beta=0.5)
+    close(loss[:2], [0.0, 1000.0])  # a huge margin: 0 or |m|, never inf or nan
+    close(loss[2], loss[3])  # only the difference c - r counts
+
+
+def test_bco_pair_loss_hand_values_gradients_and_shift():
+    # beta .5, delta .25, c = [1, 0], r = [-1, 0] -> r_c = [.5, 0], r_r = [-.5, 0]
+    # loss = -log sig(r_c - delta) - log sig(-(r_r - delta)) = softplus(delta - r_c) + softplus(r_r - delta)
+    c, r = t([1.0, 0.0]).requires_grad_(), t([-1.0, 0.0]).requires_grad_()
+    loss, metrics = grpo.bco_pair_loss(c, r, beta=0.5, delta=0.25)
+    close(loss, [softplus(-0.25) + softplus(-0.75), softplus(0.25) + softplus(-0.25)])
+    close(metrics["reward_chosen"], 0.25)
+    close(metrics["reward_rejected"], -0.25)
+    loss.sum().backward()
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # d/dc = -beta sig(delta - r_c) (raising a chosen reward lowers the loss), d/dr = beta sig(r_r - delta)
+    close(c.grad, [-0.5 * sig(-0.25), -0.5 * sig(0.25)])
+    close(r.grad, [0.5 * sig(-0.75), 0.5 * sig(-0.25)])
+    close(grpo.bco_pair_loss(c, r, beta=0.5, delta=t(0.25))[0], loss)  # a 0-d tensor delta (on any device) too
+    # delta 0 and both log-ratios 0: 2 log 2. Unlike DPO, moving both log-ratios moves the loss.
+    close(grpo.bco_pair_loss(t([0.0]), t([0.0]), beta=0.5)[0], [2 * LN2])
+    close(grpo.bco_pair_loss(t([2.0]), t([2.0]), beta=0.5)[0], [softplus(-1.0) + softplus(1.0)])
+
+
+def test_bco_delta_is_the_running_mean_of_batch_means():
+    # batch means 2, 7, -3: delta 2, then 2 + (7 - 2) / 2 = 4.5, then 4.5 + (-3 - 4.5) / 3 = 2.
+    # Each batch weighs the same, whatever its size (as TRL's RunningMoments fed one mean per batch):
+    # after two batches 4.5, not the mean of the six rewards (32 / 6).
+    batches = [t([1.0, 3.0]), t([4.0, 6.0, 8.0, 10.0]).requires_grad_(), t([-3.0])]
+    delta, seen = 0.0, []
+    for n, rewards in enumerate(batches):
+        delta = grpo.bco_delta(delta, n, rewards)
+        seen.append(delta)
+    assert seen == [2.0, 4.5, 2.0]  # floats: a checkpoint stores them as they are
+    g = torch.Generator().manual_seed(0)  # and against a naive mean of the batch means
+    batches = [torch.randn(int(n), generator=g, dtype=F64) for n in torch.randint(1, 9, (20,), generator=g)]
+    delta = 0.0
+    for n, rewards in enumerate(batches):
+        delta = grpo.bco_delta(delta, n, rewards)
+    close(delta, sum(float(b.mean()) for b in batches) / len(batches))
+
+
+def mpo_inputs():
+    # pairs: c - r = [2, -2]; chosen tokens p = [.5, .25] and [.8] (nan and garbage under the mask)
+    c, r = t([1.0, -2.0]).requires_grad_(), t([-1.0, 0.0]).requires_grad_()
+    logp = t([[math.log(0.5), math.log(0.25), float("nan")], [math.log(0.8), 7.0, float("nan")]]).requires_grad_()
+    return c, r, logp, t([[1.0, 1, 0], [1, 0, 0]])
+
+
+def test_mpo_loss_hand_value_and_weights():
+    # beta .1, delta .05: DPO margins [.2, -.2] -> [softplus(-.2), softplus(.2)];
+    # BCO r_c = [.1, -.2], r_r = [-.1, 0] -> softplus(delta - r_c) + softplus(r_r - delta);
+    # SFT token mean (ln 2 + ln 4 + ln 1.25) / 3. MPO = .8 mean(DPO) + .2 mean(BCO) + 1.0 SFT.
+    c, r, logp, mask = mpo_inputs()
+    dpo = (softplus(-0.2) + softplus(0.2)) / 2
+    bco = (softplus(-0.05) + softplus(-0.15) + softplus(0.25) + softplus(-0.05)) / 2
+    sft = (LN2 + LN4 + math.log(1.25)) / 3
+    loss, metrics = grpo.mpo_loss(c, r, logp, mask, beta=0.1, delta=0.05)
+    close(loss, 0.8 * dpo + 0.2 * bco + 1.0 * sft)
+    close(torch.stack([metrics["loss_dpo"], metrics["loss_bco"], metrics["loss_sft"]]), [dpo, bco, sft])
+    close(metrics["reward_accuracy"], 0.5)
+    for weights, want in [((1, 0, 0), dpo), ((0, 1, 0), bco), ((0, 0, 1), sft), ((2, 3, 5), 2 * dpo + 3 * bco + 5 * sft)]:
+        close(grpo.mpo_loss(c, r, logp, mask, beta=0.1, delta=0.05, weights=weights)[0], want)
+    loss.backward()
+    assert c.grad[0] < 0 and c.grad[1] < 0 and r.grad[0] > 0 and r.grad[1] > 0
+    # SFT gradient -1/3 per valid chosen token (token mean over 3), 0 under the mask
+    close(logp.grad, [[-1 / 3, -1 / 3, 0], [-1 / 3, 0, 0]])
+
+
+def test_mpo_micro_batches_with_global_counts_give_the_full_batch_loss_and_gradient():
+    c, r, logp, mask = mpo_inputs()
+    full = grpo.mpo_loss(c, r, logp, mask, delta=0.05)[0]
+    full_grads = torch.autograd.grad(full, (c, r, logp))
+    parts = sum(grpo.mpo_loss(c[i:i + 1], r[i:i + 1], logp[i:i + 1], mask[i:i + 1], delta=0.05, num_pairs=2,
+                              num_tokens=mask.sum())[0] for i in range(2))
+    close(parts, full)
+    for a, b in zip(torch.autograd.grad(parts, (c, r, logp)), full_grads):
+        close(a, b)
