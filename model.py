@@ -2,15 +2,17 @@
 
 - `build_tiny_model` makes a random ~1M-parameter Qwen2.5-VL with a locally trained tokenizer and a
   real processor, so everything (tests, the default CPU run) works with no download.
-- `apply_fsdp` is the whole FSDP2 wrap: one `fully_shard` per vision block and per decoder layer,
-  then the root (the torchtitan recipe).
+- `apply_fsdp` is the whole FSDP2 wrap (the torchtitan recipe), its memory options and freezing;
+  `load_fsdp_model` builds it on the meta device and fills it from rank 0's one copy of the weights.
 - `token_logprobs` runs the forward with explicit 3-D mRoPE positions and returns log p(token) for
   the response tokens only.
+- Checkpoints: sharded save/load (DCP); `export_checkpoint` (`python model.py export`) to an HF folder.
 """
 import os
 
 import torch
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+import torch.distributed as dist
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 import grpo
@@ -92,29 +94,101 @@ def build_tiny_model(out_dir, texts, *, seed=0, vocab_size=1024, min_pixels=56 *
 
 
 # ----------------------------------------------------------------------------- loading and FSDP2
-def load_model(path, *, dtype=torch.float32, device="cpu"):
-    """Qwen2.5-VL from a hub id or local folder, with flash-attention 2 when it is importable (GPU)
-    and PyTorch SDPA otherwise."""
+def attention_implementation():
+    """flash-attention 2 when it is importable and there is a GPU, PyTorch SDPA otherwise."""
     try:
         import flash_attn  # noqa: F401
-        attn = "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+        return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
     except ImportError:
-        attn = "sdpa"
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+        return "sdpa"
+
+
+def load_model(path, *, dtype=torch.float32, device="cpu"):
+    """Qwen2.5-VL from a hub id or local folder, whole, on one device."""
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype,
+                                                               attn_implementation=attention_implementation())
     return model.to(device)
 
 
-def apply_fsdp(model, mesh, *, param_dtype=torch.float32, reduce_dtype=torch.float32):
+def apply_fsdp(model, mesh, *, param_dtype=torch.float32, reduce_dtype=torch.float32, reshard_after_forward=True,
+               cpu_offload=False, activation_checkpointing=False, freeze_vision=False, freeze_merger=False,
+               freeze_llm=False):
     """FSDP2, as torchtitan does it: each vision block and each decoder layer is its own unit (its
-    parameters are all-gathered just before it runs and freed after), the root holds the rest
-    (embeddings, patch embed, merger, final norm, lm_head). Mixed precision: compute in
-    param_dtype, reduce gradients in reduce_dtype (bf16 compute with fp32 reduction on GPUs)."""
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for block in model.model.visual.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    for layer in model.model.language_model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    parameters are all-gathered just before it runs and freed after), then the merger, the rest of
+    the vision tower (patch embed) and the root (embeddings, final norm, lm_head). Mixed precision:
+    compute in param_dtype, reduce gradients in reduce_dtype (bf16 compute with fp32 reduction on
+    GPUs); the sharded copy the optimizer updates keeps the dtype the model was loaded in.
+
+    - reshard_after_forward=False keeps each unit gathered from its forward to its backward: no
+      second all-gather, but the whole model is held unsharded in param_dtype. The root is never
+      resharded after forward either way (FSDP2's default for it: backward starts there at once),
+      so build the optimizer before any forward, or it holds the root's gathered copies.
+    - cpu_offload: sharded parameters, gradients and AdamW state live in host memory and the
+      optimizer step runs on the CPU (FSDP2's CPUOffloadPolicy); a unit is copied in when gathered.
+      On GPUs the process group needs a CPU backend too, init_process_group("cuda:nccl,cpu:gloo")
+      as torchtitan does: the grad-norm all-reduce runs on the offloaded gradients.
+    - activation_checkpointing: each block and layer keeps only its input and recomputes the rest
+      in backward. Wrapped before fully_shard, so FSDP's hooks stay outside the recompute
+      (torchtitan); parameter names gain "_checkpoint_wrapped_module.", which state-dict helpers
+      (get_model_state_dict, hence checkpoints and save_hf) and rollout.sync_weights strip.
+    - freeze_vision (patch embed + blocks), freeze_merger, freeze_llm: requires_grad False. Each
+      part is a unit of its own, so a frozen unit has no gradient to reduce at all.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    visual, lm = model.model.visual, model.model.language_model
+    for part, frozen in ((visual.patch_embed, freeze_vision), (visual.blocks, freeze_vision),
+                         (visual.merger, freeze_merger), (lm, freeze_llm), (model.lm_head, freeze_llm)):
+        if frozen:
+            part.requires_grad_(False)
+    if activation_checkpointing:
+        for blocks in (visual.blocks, lm.layers):
+            for i, block in enumerate(blocks):
+                blocks[i] = checkpoint_wrapper(block)  # non-reentrant (use_reentrant=False)
+    # Pinned host memory makes the copies to the GPU asynchronous; a CPU-only torch cannot pin.
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    options = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+                   offload_policy=offload)
+    for unit in (*visual.blocks, visual.merger, visual, *lm.layers):
+        fully_shard(unit, reshard_after_forward=reshard_after_forward, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def load_fsdp_model(path, mesh, *, rank, master_dtype=torch.float32, **fsdp_options):
+    """The FSDP2-wrapped model (apply_fsdp with `fsdp_options`) with at most one full copy in host
+    memory, on rank 0: every rank builds the model on the meta device (shapes, no storage), wraps it
+    and allocates only its shards; rank 0 alone reads the weights and broadcasts them tensor by
+    tensor (as verl's fsdp2_load_full_state_dict). `mesh` spans the whole world.
+
+    master_dtype: the dtype of the sharded copy the optimizer updates. bfloat16 halves parameter,
+    gradient and AdamW-state memory but keeps 8 significant bits, so an update under ~2^-9 of a
+    weight rounds away: at lr 1e-6 Adam moves a weight of 1e-2 by 1e-4 of itself, and training
+    silently stalls (EasyR1 pairs pure bf16 with a Kahan-summing AdamW). float32 is the default.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            AutoConfig.from_pretrained(path), dtype=master_dtype, attn_implementation=attention_implementation())
+    apply_fsdp(model, mesh, **fsdp_options)
+    device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    model.to_empty(device=device)  # on the GPU even with cpu_offload: NCCL broadcasts from GPU memory
+    full = load_model(path, dtype=master_dtype) if rank == 0 else None
+    set_model_state_dict(model, full.state_dict() if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Non-persistent buffers (the text and vision rotary inv_freq, computed in __init__) are in no
+    # state dict, and on the meta device they were never computed: take rank 0's.
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if rank == 0:
+                buf.copy_(full.get_buffer(name.replace("_checkpoint_wrapped_module.", "")))
+            dist.broadcast(buf, src=0)
+    if fsdp_options.get("cpu_offload"):
+        model.to("cpu")  # FSDP2 requires the shards in host memory; the buffers go back to the GPU
+        for buf in model.buffers():
+            buf.data = buf.data.to(device)
     return model
 
 
@@ -226,7 +300,6 @@ def save_checkpoint(path, model, optimizer, extra, *, rank):
     every rank is done, so a crash mid-save never leaves a folder that looks complete."""
     import shutil
 
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -253,3 +326,31 @@ def load_checkpoint(path, model, optimizer, *, rank):
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return torch.load(os.path.join(path, f"extra_rank{rank}.pt"), weights_only=False)
+
+
+def export_checkpoint(ckpt_dir, model_path, out_dir, *, dtype=torch.float32):
+    """A save_pretrained folder (model + processor), as save_hf writes, from a save_checkpoint
+    folder, in one process: DCP reshards when it loads, so a checkpoint written by any number of
+    ranks reads here whole. Only the model entries are read, not the optimizer state. model_path
+    is the model the run started from: it gives the config, the processor and the tensors to fill."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoProcessor
+
+    model = load_model(model_path, dtype=dtype)
+    dcp.load({"model": model.state_dict()}, checkpoint_id=ckpt_dir, no_dist=True)  # in place, into the model
+    model.save_pretrained(out_dir)
+    AutoProcessor.from_pretrained(model_path).save_pretrained(out_dir)
+    return out_dir
+
+
+if __name__ == "__main__":  # python model.py export out/checkpoints/step_60 --model_path=PATH --out=DIR
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a train.py checkpoint as a transformers/vLLM folder.")
+    parser.add_argument("command", choices=["export"])
+    parser.add_argument("ckpt_dir")
+    parser.add_argument("--model_path", required=True, help="the model the run started from")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dtype", default="float32", help="float32 / bfloat16")
+    args = parser.parse_args()
+    export_checkpoint(args.ckpt_dir, args.model_path, args.out, dtype=getattr(torch, args.dtype))

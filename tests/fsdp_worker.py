@@ -1,5 +1,11 @@
-"""Run under torchrun: one optimizer_step of train.py on a fixed global batch, FSDP2 over the
-world; the global batch is split across ranks. Writes the loss metrics and the full updated state."""
+"""Run under torchrun: optimizer_steps of train.py on a fixed global batch, FSDP2 over the world; the
+global batch is split across ranks. Rank 0 writes what the tests compare.
+
+modes: "plain" / "mixed" (the second half of the rows text-only): one step, the loss metrics and
+the full updated state. "variants": load_fsdp_model checked against a plain load, then one step for
+each of VARIANTS (stats, gradients, updated state); the activation-checkpointed run also writes a
+checkpoint (out_path.ckpt) and save_hf's folder (out_path.hf), and its log-probs after the step.
+"""
 import os
 import sys
 
@@ -13,25 +19,63 @@ import data  # noqa: E402
 import model as modeling  # noqa: E402
 import train  # noqa: E402
 
+VARIANTS = {  # name -> load_fsdp_model options; "base" is the default wrap
+    "base": {},
+    "checkpointing": dict(activation_checkpointing=True),
+    "no_reshard": dict(reshard_after_forward=False),
+    "cpu_offload": dict(cpu_offload=True),
+    "freeze_vision": dict(freeze_vision=True),
+    "freeze_merger_llm": dict(freeze_merger=True, freeze_llm=True),
+    "bf16_master": dict(master_dtype=torch.bfloat16, param_dtype=torch.bfloat16),
+}
 
 
-def main(model_dir, data_dir, out_path, mixed="plain"):
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
+def make_samples(processor, data_dir, mixed):
     rows = data.load_rows(f"{data_dir}@train")
     g = torch.Generator().manual_seed(0)
     n_plain = len(processor.tokenizer) - len(modeling.SPECIAL_TOKENS)
     samples = []  # the same 8 samples on every rank, responses of different lengths
     for i in range(8):
         prompt = data.build_prompt(rows[i], i, processor, min_pixels=56 * 56, max_pixels=112 * 112)
-        if mixed == "mixed" and i >= 4:  # the second half text-only: on 2 ranks, rank 1 sees no image at all
+        if mixed and i >= 4:  # the second half text-only: on 2 ranks, rank 1 sees no image at all
             prompt = data.build_prompt({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}, i, processor)
         length = 2 + (5 * i) % 11
         samples.append({**data.encode_prompt(prompt, processor), "adv": float(torch.randn(1, generator=g)),
                         "response_ids": torch.randint(0, n_plain, (length,), generator=g).tolist()})
+    return samples, g
+
+
+def full_state(policy):
+    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def step(policy, samples, rank, world):
+    """One optimizer_step on this rank's share; returns (optimizer, stats, gradients, updated state)."""
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.01)
+    grads = {}
+
+    def keep_grads(opt, args, kwargs):  # the gradients the step uses (after clipping), gathered
+        grads.update({n.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor()
+                      for n, p in policy.named_parameters() if p.grad is not None})
+
+    optimizer.register_step_pre_hook(keep_grads)
+    cfg = train.Config(micro_batch_size=2, max_response_length=12, clip_eps_low=0.2, clip_eps_high=0.3)
+    share = len(samples) // world
+    stats = train.optimizer_step(policy, optimizer, samples[rank * share:(rank + 1) * share], cfg, use_kl=True,
+                                 world_size=world, device=torch.device("cpu"), pad_id=0, banned_ids=[])
+    stats = {k: v / world for k, v in train.all_reduce(stats).items()}  # what train.py logs
+    names = [n for n, _ in policy.named_parameters()]
+    return optimizer, {"stats": stats, "grads": grads, "state": full_state(policy), "names": names}
+
+
+def main(model_dir, data_dir, out_path, mode="plain"):
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    samples, g = make_samples(processor, data_dir, mode == "mixed")
     plain = modeling.load_model(model_dir)
     with torch.no_grad():  # old/ref log-probs near the current ones, so ratios and KL are not trivial
         for s in samples:
@@ -39,16 +83,31 @@ def main(model_dir, data_dir, out_path, mixed="plain"):
             s["old_logp"] = lp + 0.3 * torch.randn(lp.shape, generator=g)
             s["ref_logp"] = lp + 0.2 * torch.randn(lp.shape, generator=g)
     torch.manual_seed(0)
-    policy = modeling.apply_fsdp(modeling.load_model(model_dir), init_device_mesh("cpu", (world,)))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.01)
-    cfg = train.Config(micro_batch_size=2, max_response_length=12, clip_eps_low=0.2, clip_eps_high=0.3)
-    share = len(samples) // world
-    stats = train.optimizer_step(policy, optimizer, samples[rank * share:(rank + 1) * share], cfg, use_kl=True,
-                                 world_size=world, device=torch.device("cpu"), pad_id=0, banned_ids=[])
-    stats = {k: v / world for k, v in train.all_reduce(stats).items()}  # what train.py logs
-    state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if mode != "variants":
+        _, out = step(modeling.load_fsdp_model(model_dir, mesh, rank=rank), samples, rank, world)
+    else:
+        batch = data.collate(samples, 0)  # the whole batch on every rank, for log-probs
+        policy = modeling.load_fsdp_model(model_dir, mesh, rank=rank)
+        with torch.no_grad():  # each rank's buffers and log-probs: only rank 0 read the weights
+            mine = {"logp": modeling.token_logprobs(policy, batch), "buffers": dict(policy.named_buffers())}
+        ranks = [None] * world
+        dist.all_gather_object(ranks, mine)
+        out = {"load": {"state": full_state(policy), "ranks": ranks, "plain_buffers": dict(plain.named_buffers()),
+                        "plain_logp": modeling.token_logprobs(plain, batch).detach()}}
+        for name, options in VARIANTS.items():
+            # A fresh model each time: after a no-grad forward the root stays gathered (FSDP2 never
+            # reshards it after forward), and an optimizer built then would hold the gathered copies.
+            policy = modeling.load_fsdp_model(model_dir, mesh, rank=rank, **options)
+            optimizer, out[name] = step(policy, samples, rank, world)
+            out[name]["optim_dtypes"] = {v.dtype for s in optimizer.state.values() for v in s.values() if v.dim()}
+            if name == "checkpointing":  # wrapped names inside: a checkpoint, an HF folder, their log-probs
+                modeling.save_checkpoint(out_path + ".ckpt", policy, optimizer, {}, rank=rank)
+                modeling.save_hf(policy, processor, out_path + ".hf", rank=rank)
+                with torch.no_grad():
+                    out[name]["logp"] = modeling.token_logprobs(policy, batch)
+        out["batch"] = batch
     if rank == 0:
-        torch.save({"stats": stats, "state": state}, out_path)
+        torch.save(out, out_path)
     dist.barrier()
     dist.destroy_process_group()
 

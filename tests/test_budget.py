@@ -3,9 +3,11 @@ number here in the same commit, with the reason), not an accident."""
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# model.py 300 -> 360 (issue 7): meta-device init with rank-0 broadcast, the FSDP2 memory options and
+# freezing, and the checkpoint export with its CLI; about 100 lines, half of them docstrings.
 # data.py 300 -> 355 (issue 5): offline rows, SFT and preference pairs in ms-swift's and TRL's forms, through
 # load_prompts(kind=...), and the synthetic sft.jsonl / pref.jsonl; about 50 lines, a third of them docstrings.
-BUDGET = {"grpo.py": 330, "model.py": 300, "rollout.py": 200, "reward.py": 360, "data.py": 355, "train.py": 650}
+BUDGET = {"grpo.py": 330, "model.py": 360, "rollout.py": 200, "reward.py": 360, "data.py": 355, "train.py": 650}
 
 
 def test_modules_within_budget():

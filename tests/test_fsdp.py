@@ -1,11 +1,15 @@
 """FSDP2 for real: 2 gloo ranks, each holding half the batch and half of every parameter, must take
-the same optimizer step as 1 rank holding everything."""
+the same optimizer step as 1 rank holding everything; the memory options must not change that step,
+frozen parts must not move, and a 2-rank checkpoint must export to the model that was trained."""
 import os
 import socket
 import subprocess
 import sys
 
+import pytest
 import torch
+
+import model as modeling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,21 +23,33 @@ def free_port():
 def run_worker(nproc, model_dir, data_dir, out, mixed="plain"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
            os.path.join(ROOT, "tests", "fsdp_worker.py"), model_dir, data_dir, out, mixed]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     return torch.load(out)
 
 
-def test_two_ranks_take_the_same_step_as_one(tiny_dir, tmp_path):
+@pytest.fixture(scope="module")
+def variants(tiny_dir, tmp_path_factory):
+    """(out_path, results) of one 2-rank run of fsdp_worker.py's VARIANTS, one step each (a torchrun
+    costs 10-20 s here, so one run serves the tests below)."""
+    out = str(tmp_path_factory.mktemp("variants") / "variants.pt")
+    return out, run_worker(2, *tiny_dir, out, "variants")
+
+
+def initial_state(model_dir):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(model_dir).state_dict()
+
+
+def test_two_ranks_take_the_same_step_as_one(tiny_dir, tmp_path, variants):
     model_dir, data_dir = tiny_dir
     one = run_worker(1, model_dir, data_dir, str(tmp_path / "one.pt"))
-    two = run_worker(2, model_dir, data_dir, str(tmp_path / "two.pt"))
+    two = variants[1]["base"]  # the same step on 2 ranks
     for key in ("loss/policy", "loss/kl", "grad_norm"):
         assert abs(one["stats"][key] - two["stats"][key]) < 1e-5, (key, one["stats"][key], two["stats"][key])
     assert one["stats"]["grad_norm"] > 0 and one["stats"]["clip_frac"] > 0  # a real step with clipping in it
-    from transformers import AutoModelForImageTextToText
-
-    before = AutoModelForImageTextToText.from_pretrained(model_dir).state_dict()
+    before = initial_state(model_dir)
     moved = 0
     for name, w in one["state"].items():
         assert torch.allclose(w, two["state"][name], atol=1e-5, rtol=0), name
@@ -51,3 +67,96 @@ def test_rank_without_images_neither_hangs_nor_changes_the_step(tiny_dir, tmp_pa
         assert abs(one["stats"][key] - two["stats"][key]) < 1e-5, key
     for name, w in one["state"].items():
         assert torch.allclose(w, two["state"][name], atol=1e-5, rtol=0), name
+
+
+def test_meta_init_loads_exactly_the_pretrained_model(tiny_dir, variants):
+    """load_fsdp_model (meta device on every rank, weights read by rank 0 and broadcast) equals a
+    plain from_pretrained: every parameter, the rotary buffers no state dict holds, the log-probs."""
+    load = variants[1]["load"]
+    before = initial_state(tiny_dir[0])
+    assert load["state"].keys() == before.keys()
+    assert all(torch.equal(load["state"][k], before[k]) for k in before)
+    rotary = {"model.language_model.rotary_emb.inv_freq", "model.visual.rotary_pos_emb.inv_freq"}
+    assert rotary <= load["plain_buffers"].keys()
+    assert len(load["ranks"]) == 2
+    for rank in load["ranks"]:
+        assert rank["buffers"].keys() == load["plain_buffers"].keys()
+        assert all(torch.equal(b, load["plain_buffers"][k]) for k, b in rank["buffers"].items())
+        assert torch.equal(rank["logp"], load["plain_logp"])
+
+
+def test_memory_options_take_the_same_step(variants):
+    """Activation checkpointing, no reshard after forward and CPU offload change where tensors live
+    and when they are computed, not the step: the same losses, gradients and updated weights, under
+    the same (unwrapped) names. On a CPU-only machine offload moves nothing: this runs the policy's
+    code path (optimizer step on the offloaded shards), not host-device copies."""
+    res = variants[1]
+    base = res["base"]
+    in_blocks = [k for k in base["state"] if k.startswith(("model.visual.blocks.", "model.language_model.layers."))]
+    assert sum("._checkpoint_wrapped_module." in n for n in res["checkpointing"]["names"]) == len(in_blocks) > 0
+    for name in ("checkpointing", "no_reshard", "cpu_offload"):
+        run = res[name]
+        for key in ("loss/policy", "loss/kl", "grad_norm"):
+            assert abs(run["stats"][key] - base["stats"][key]) < 1e-6, (name, key)
+        assert run["state"].keys() == run["grads"].keys() == base["state"].keys()
+        for k, w in base["state"].items():
+            assert torch.allclose(run["grads"][k], base["grads"][k], atol=1e-6, rtol=0), (name, k)
+            assert torch.allclose(run["state"][k], w, atol=1e-6, rtol=0), (name, k)
+
+
+def test_frozen_parts_stay_bit_identical_while_the_rest_trains(tiny_dir, variants):
+    """freeze_vision (patch embed + blocks), and freeze_merger with freeze_llm (gradients then reach
+    the vision tower through frozen units): frozen weights get no gradient and do not move; every
+    other weight moves."""
+    before = initial_state(tiny_dir[0])
+
+    def vision(k):
+        return k.startswith("model.visual.") and not k.startswith("model.visual.merger.")
+
+    for name, frozen in (("freeze_vision", vision), ("freeze_merger_llm", lambda k: not vision(k))):
+        run = variants[1][name]
+        assert run["grads"].keys() == {k for k in before if not frozen(k)}, name
+        for k, w in run["state"].items():
+            assert torch.equal(w, before[k]) == frozen(k), (name, k)
+
+
+def test_bf16_master_weights_train_but_lose_small_updates(tiny_dir, variants):
+    """master_dtype=bf16: weights and AdamW moments in bf16, a step close to fp32's, but a 1e-3
+    update of a weight equal to 1 (the norms) is under half of bf16's spacing there (2^-8 below 1,
+    2^-7 above) and is lost, while the fp32 master moves it: the risk load_fsdp_model describes."""
+    base, bf16 = variants[1]["base"], variants[1]["bf16_master"]
+    assert bf16["optim_dtypes"] == {torch.bfloat16}
+    assert all(w.dtype == torch.bfloat16 for w in bf16["state"].values())
+    assert abs(bf16["stats"]["loss/policy"] - base["stats"]["loss/policy"]) < 1e-3
+    before = initial_state(tiny_dir[0])
+    ones = {k for k, w in before.items() if torch.all(w == 1)}
+    assert len(ones) == 10  # 2 norms per vision block and decoder layer, the merger's and the final norm
+    for k, w in bf16["state"].items():
+        assert torch.equal(w.float(), before[k]) == (k in ones), k
+        assert not torch.equal(base["state"][k], before[k]), k
+
+
+def test_exported_checkpoint_gives_the_trained_log_probs(tiny_dir, variants, tmp_path):
+    """A checkpoint written by 2 ranks after one step (activation-checkpointed, so the wrapped names
+    must not leak into it), exported by `python model.py export` in one process, loads in
+    transformers with the trained weights and exactly the trained FSDP model's log-probs; so does
+    save_hf's folder, and a bf16 export holds the same weights rounded."""
+    out_path, res = variants
+    model_dir, _ = tiny_dir
+    trained = res["checkpointing"]
+    cmd = [sys.executable, os.path.join(ROOT, "model.py"), "export", out_path + ".ckpt", f"--model_path={model_dir}",
+           f"--out={tmp_path / 'hf'}"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(str(tmp_path / "hf")).tokenizer.eos_token == "<|im_end|>"
+    for folder in (str(tmp_path / "hf"), out_path + ".hf"):
+        exported = modeling.load_model(folder)
+        assert exported.state_dict().keys() == trained["state"].keys()
+        assert all(torch.equal(w, trained["state"][k]) for k, w in exported.state_dict().items())
+        with torch.no_grad():
+            assert torch.equal(modeling.token_logprobs(exported, res["batch"]), trained["logp"]), folder
+    bf16 = modeling.export_checkpoint(out_path + ".ckpt", model_dir, str(tmp_path / "bf16"), dtype=torch.bfloat16)
+    state = modeling.load_model(bf16, dtype=torch.bfloat16).state_dict()
+    assert all(torch.equal(w, trained["state"][k].to(torch.bfloat16)) for k, w in state.items())
