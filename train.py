@@ -53,7 +53,7 @@ class Config:
     answer_key: str = "answer"
     image_key: str = "images"
     # --- rollout ---
-    sampler: str = "vllm"  # vllm (in-process engine)
+    sampler: str = "vllm"  # vllm (in-process engine) | hf (the trainer's model decodes: no vLLM needed, slow)
     num_generations: int = 5  # G, responses per prompt
     rollout_batch_size: int = 512  # prompts per step, all ranks together
     max_response_length: int = 2048  # tokens
@@ -63,6 +63,8 @@ class Config:
     vllm_gpu_memory_utilization: float = 0.6  # GPU share for vLLM (weights + KV cache)
     vllm_kv_cache_mb: int = 0  # explicit KV cache size in MiB (0 = use vllm_gpu_memory_utilization); set on CPU
     vllm_enforce_eager: bool = False  # True disables CUDA graphs
+    vllm_tp: int = 1  # tensor parallel size: groups of vllm_tp consecutive ranks share one engine's prompts
+    vllm_sleep_level: int = 1  # CUDA: free vLLM's memory between rollouts (1 = weights to host RAM, 2 = dropped; 0 = off)
     # --- algorithm ---
     adv_estimator: str = "grpo"  # grpo | rloo
     adv_std_norm: bool = True  # divide by the group std (False = Dr.GRPO)
@@ -93,13 +95,21 @@ class Config:
     lr: float = 1e-6
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    master_dtype: str = "float32"  # the sharded weights and AdamW states: float32 | bfloat16 (half the memory, small updates round away)
+    reshard_after_forward: bool = True  # False keeps each layer gathered from forward to backward: faster, more memory
+    cpu_offload: bool = False  # FSDP2 keeps params, grads and AdamW states in host RAM and steps there
+    activation_checkpointing: bool = False  # recompute each decoder layer / vision block in backward
+    freeze_vision: bool = False  # no updates to the vision tower (patch embed + blocks)
+    freeze_merger: bool = False  # no updates to the vision-language merger
+    freeze_llm: bool = False  # no updates to the language model (and lm_head)
+    ref_cpu_offload: bool = False  # keep the frozen reference model's shards in host RAM
     global_batch_size: int = 128  # prompts per optimizer step; rollout_batch_size / global_batch_size updates per step
     micro_batch_size: int = 4  # sequences per forward/backward on one rank
     max_steps: int = 60
     seed: int = 1
     # --- validation and output ---
     val_freq: int = 5  # validate every val_freq steps (and before the first and after the last)
-    val_temperature: float = 0.6
+    val_temperature: float = 0.6  # 0 = greedy
     val_top_p: float = 0.95
     val_max_prompts: int = 0  # 0 = the whole validation set
     save_hf: bool = True  # write out_dir/hf at the end
@@ -311,7 +321,10 @@ def main(cfg):
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo")  # before vLLM: it builds its groups from this world
+    # Before vLLM: it builds its groups from this world. With CPU offload the grad-norm all-reduce runs
+    # on host tensors, which NCCL cannot take: gloo serves the CPU side (as torchtitan does).
+    backend = ("cuda:nccl,cpu:gloo" if cfg.cpu_offload or cfg.ref_cpu_offload else "nccl") if use_cuda else "gloo"
+    dist.init_process_group(backend)
     mesh = init_device_mesh(device.type, (world_size,))
 
     def print0(*args):
@@ -335,16 +348,24 @@ def main(cfg):
     torch.manual_seed(cfg.seed)
     processor = AutoProcessor.from_pretrained(model_path)
     tokenizer = processor.tokenizer
-    train_dtype = torch.float32  # fp32 master weights; bf16 compute on GPU through FSDP2's policy
+    # Built on the meta device, read by rank 0 only and broadcast; bf16 compute on GPU with fp32
+    # gradient reduction, through FSDP2's mixed-precision policy.
     compute_dtype = torch.bfloat16 if use_cuda else torch.float32
-    policy = modeling.apply_fsdp(modeling.load_model(model_path, dtype=train_dtype, device=device), mesh,
-                                 param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    if cfg.master_dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"--master_dtype must be float32 or bfloat16, not {cfg.master_dtype!r}")
+    master_dtype = getattr(torch, cfg.master_dtype)
+    fsdp = dict(param_dtype=compute_dtype, reduce_dtype=torch.float32, reshard_after_forward=cfg.reshard_after_forward)
+    policy = modeling.load_fsdp_model(model_path, mesh, rank=rank, master_dtype=master_dtype, cpu_offload=cfg.cpu_offload,
+                                      activation_checkpointing=cfg.activation_checkpointing, freeze_vision=cfg.freeze_vision,
+                                      freeze_merger=cfg.freeze_merger, freeze_llm=cfg.freeze_llm, **fsdp)
     ref = None
-    if cfg.kl_coef > 0:
-        ref = modeling.apply_fsdp(modeling.load_model(model_path, dtype=train_dtype, device=device), mesh,
-                                  param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    if cfg.kl_coef > 0:  # the KL anchor; never built without a KL term
+        ref = modeling.load_fsdp_model(model_path, mesh, rank=rank, cpu_offload=cfg.ref_cpu_offload, **fsdp)
         ref.requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Before any forward: after one, FSDP2's root stays gathered and parameters() would hand the
+    # optimizer the gathered copies, which it would then update in vain.
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     format_prompt = cfg.format_prompt
     if format_prompt == "none":
         format_prompt = None
@@ -368,12 +389,33 @@ def main(cfg):
         val_prompts = val_prompts[:cfg.val_max_prompts]
     reward_fn = reward.load_reward(cfg.reward)
     banned = rollout.banned_token_ids(tokenizer)
-    vllm_dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if use_cuda else "float32")
-    engine = rollout.make_engine(model_path, world_size=world_size, dtype=vllm_dtype, seed=cfg.seed,
-                                 max_model_len=cfg.max_prompt_length + cfg.max_response_length,
-                                 kv_cache_bytes=cfg.vllm_kv_cache_mb << 20,
-                                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                                 enforce_eager=cfg.vllm_enforce_eager)
+    # A TP group (tp consecutive ranks, vLLM's layout) samples the same prompts with the same seeds;
+    # each of its ranks then trains on its own 1/tp of the groups. dp_rank numbers the TP groups.
+    tp = cfg.vllm_tp if cfg.sampler == "vllm" else 1
+    if world_size % tp:
+        raise SystemExit(f"--vllm_tp={tp} must divide the world size {world_size}")
+    dp_rank, tp_rank = rank // tp, rank % tp
+    if cfg.sampler == "vllm":
+        vllm_dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if use_cuda else "float32")
+        engine = rollout.make_engine(model_path, world_size=world_size, tp=tp, dtype=vllm_dtype, seed=cfg.seed,
+                                     max_model_len=cfg.max_prompt_length + cfg.max_response_length,
+                                     kv_cache_bytes=cfg.vllm_kv_cache_mb << 20,
+                                     gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                     enforce_eager=cfg.vllm_enforce_eager, sleep_mode=cfg.vllm_sleep_level > 0)
+
+        def sample(prompts, **kw):
+            return rollout.generate(engine, prompts, **kw)
+
+        def sync():
+            return rollout.sync_weights(engine, policy)
+    elif cfg.sampler == "hf":
+        def sample(prompts, **kw):
+            return rollout.generate_hf(policy, processor, prompts, batch_size=cfg.micro_batch_size, **kw)
+
+        def sync():  # the sampler is the policy itself
+            return 0.0
+    else:
+        raise SystemExit(f"--sampler must be vllm or hf, not {cfg.sampler!r}")
     # vLLM seeds the global RNGs when it starts; re-seed ours so runs are reproducible.
     torch.manual_seed(cfg.seed + rank)
     ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
@@ -385,7 +427,7 @@ def main(cfg):
     extra = modeling.load_checkpoint(resume_from, policy, optimizer, rank=rank) if resume_from else None
     if extra:
         print0(f"resumed from {resume_from} (step {extra['step']})")
-    rollout.sync_weights(engine, policy)
+    sync()
 
     G = cfg.num_generations
     if cfg.rollout_batch_size % (world_size * cfg.global_batch_size // math.gcd(world_size, cfg.global_batch_size)):
@@ -431,12 +473,13 @@ def main(cfg):
         if not val_prompts:
             return {}
         t0 = time.perf_counter()
-        per = math.ceil(len(val_prompts) / world_size)  # contiguous shards: seeds follow the global index
-        mine = val_prompts[rank * per:(rank + 1) * per]
+        per = math.ceil(len(val_prompts) / (world_size // tp))  # contiguous shards: seeds follow the global index
+        mine = val_prompts[dp_rank * per:(dp_rank + 1) * per]
         if blank_images:
             mine = [{**p, "images": [Image.new("RGB", im.size, "white") for im in p["images"]]} for p in mine]
-        res = rollout.generate(engine, mine, n=1, temperature=cfg.val_temperature, top_p=cfg.val_top_p,
-                               max_tokens=cfg.max_response_length, seed=cfg.seed + rank * per, banned_ids=banned)
+        res = sample(mine, n=1, temperature=cfg.val_temperature, top_p=cfg.val_top_p,
+                     max_tokens=cfg.max_response_length, seed=cfg.seed + dp_rank * per, banned_ids=banned)
+        mine, res = mine[tp_rank::tp], res[tp_rank::tp]  # a TP group's ranks got the same answers: score each once
         inputs = [{"response": tokenizer.decode(r["samples"][0][0], skip_special_tokens=True),
                    "ground_truth": p["answer"], **p["row"]} for p, r in zip(mine, res)]
         scores, _ = reward.score_batch(reward_fn, inputs, timeout_s=cfg.reward_timeout)
@@ -454,7 +497,7 @@ def main(cfg):
     order, cursor, draws = [], 0, 0
 
     def next_prompts():
-        """This rank's share of the next rollout_batch_size prompts, and the round's sampling seed.
+        """This TP group's share of the next rollout_batch_size prompts, and the round's sampling seed.
         Seeds follow the global prompt index, so the samples do not depend on the world size."""
         nonlocal order, cursor, draws
         picked = []
@@ -465,14 +508,16 @@ def main(cfg):
             picked.append(order[cursor])
             cursor += 1
         draws += 1
-        seed = (cfg.seed * 1_000_003 + draws) * 4099 + rank * G * prompts_per_rank
-        return [train_prompts[i] for i in picked[rank * prompts_per_rank:(rank + 1) * prompts_per_rank]], seed
+        per_group = prompts_per_rank * tp
+        seed = (cfg.seed * 1_000_003 + draws) * 4099 + dp_rank * G * per_group
+        return [train_prompts[i] for i in picked[dp_rank * per_group:(dp_rank + 1) * per_group]], seed
 
     def sample_groups(prompts, seed):
-        """Rollout + reward for a list of prompts -> one (samples, scores, reward stats) per group."""
+        """Rollout + reward for a list of prompts -> one (samples, scores) per group this rank keeps."""
         t = time.perf_counter()
-        res = rollout.generate(engine, prompts, n=G, temperature=cfg.temperature, top_p=cfg.top_p,
-                               max_tokens=cfg.max_response_length, seed=seed, banned_ids=banned)
+        res = sample(prompts, n=G, temperature=cfg.temperature, top_p=cfg.top_p,
+                     max_tokens=cfg.max_response_length, seed=seed, banned_ids=banned)
+        prompts, res = prompts[tp_rank::tp], res[tp_rank::tp]  # this rank's 1/tp of its TP group's groups
         samples = []
         for p, r in zip(prompts, res):
             enc = data.encode_prompt(p, processor)
@@ -548,6 +593,8 @@ def main(cfg):
         samples = [s for g, _ in groups for s in g]
         scores = [s for _, sc in groups for s in sc]
         rewards = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
+        if cfg.sampler == "vllm" and cfg.vllm_sleep_level:  # CUDA: vLLM's memory goes to the trainer until the sync
+            rollout.sleep(engine, cfg.vllm_sleep_level)
         # ---------------------------------------------------------------- old / ref log-probs
         t = time.perf_counter()
         old, entropy = logprobs(policy, samples, with_entropy=True)
@@ -582,7 +629,7 @@ def main(cfg):
         stats["ratio_max"] = max(u["ratio_max"] for u in updates)
         timing["time/update"] = time.perf_counter() - t
         # ---------------------------------------------------------------- weight sync
-        timing["time/sync"] = rollout.sync_weights(engine, policy)
+        timing["time/sync"] = sync()
         # ---------------------------------------------------------------- log
         timing["time/step"] = time.perf_counter() - t0
         groups = rewards.view(-1, G)

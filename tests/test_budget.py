@@ -7,11 +7,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # freezing, and the checkpoint export with its CLI; about 100 lines, half of them docstrings.
 # data.py 300 -> 355 (issue 5): offline rows, SFT and preference pairs in ms-swift's and TRL's forms, through
 # load_prompts(kind=...), and the synthetic sft.jsonl / pref.jsonl; about 50 lines, a third of them docstrings.
-BUDGET = {"grpo.py": 330, "model.py": 360, "rollout.py": 200, "reward.py": 360, "data.py": 355, "train.py": 650}
+# rollout.py 200 -> 240 (issue 8): the transformers sampler (a 40-line decoding loop on the trainer's
+# model), FSDP-unit weight gathering and CUDA sleep/wake. train.py 650 -> 690 (issues 7, 8): the memory
+# flags, --sampler, --vllm_tp. Total 2200 -> 2300 for these.
+BUDGET = {"grpo.py": 330, "model.py": 360, "rollout.py": 240, "reward.py": 360, "data.py": 355, "train.py": 690}
 
 
 def test_modules_within_budget():
     sizes = {name: sum(1 for _ in open(os.path.join(ROOT, name))) for name in BUDGET}
     over = {name: (n, BUDGET[name]) for name, n in sizes.items() if n > BUDGET[name]}
     assert not over, f"over budget (lines, budget): {over}"
-    assert sum(sizes.values()) <= 2200, sizes
+    assert sum(sizes.values()) <= 2300, sizes

@@ -1,6 +1,7 @@
-"""The real vLLM sampler against the trainer: after sync_weights the sampled tokens' log-probs must
+"""Both samplers against the trainer. vLLM: after sync_weights the sampled tokens' log-probs must
 equal the trainer's, and before a sync of changed weights they must not (TRL PR #3670: FSDP2
-weights once silently never reached vLLM)."""
+weights once silently never reached vLLM). transformers (`generate_hf`): the same parity, with the
+checkpoint's own generation_config set up to mislead it."""
 import pytest
 import torch
 
@@ -10,26 +11,35 @@ import rollout
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_dir):
+def parts(tiny_dir):
     model_dir, data_dir = tiny_dir
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
     policy = modeling.load_model(model_dir)
-    # One engine per test module: it seeds global RNGs and pins threads for the whole process.
-    engine = rollout.make_engine(model_dir, world_size=1, kv_cache_bytes=64 << 20, max_model_len=512)
     rows = data.load_rows(f"{data_dir}@train")
     image_prompt = data.build_prompt(rows[0], 0, processor, min_pixels=56 * 56, max_pixels=112 * 112)
     text = processor.apply_chat_template([{"role": "user", "content": "What is 2 + 3? Answer in \\boxed{}."}],
                                          add_generation_prompt=True, tokenize=False)
     text_prompt = {"text": text, "images": [], "answer": "5"}
-    return processor, policy, engine, [text_prompt, image_prompt]
+    return processor, policy, [text_prompt, image_prompt]
 
 
-def max_logp_diff(processor, policy, engine, prompts, temperature):
-    """Sample with vLLM, recompute with the trainer; max |difference| per prompt over response tokens."""
+@pytest.fixture(scope="module")
+def setup(parts, tiny_dir):
+    processor, policy, prompts = parts
+    # One engine per test module: it seeds global RNGs and pins threads for the whole process.
+    engine = rollout.make_engine(tiny_dir[0], world_size=1, kv_cache_bytes=64 << 20, max_model_len=512)
+    return processor, policy, engine, prompts
+
+
+def max_logp_diff(processor, policy, engine, prompts, temperature, results=None):
+    """Sample with vLLM (or take `results`), recompute with the trainer; max |difference| per prompt
+    over response tokens."""
     banned = rollout.banned_token_ids(processor.tokenizer)
-    results = rollout.generate(engine, prompts, n=3, temperature=temperature, max_tokens=16, seed=0, banned_ids=banned)
+    if results is None:
+        results = rollout.generate(engine, prompts, n=3, temperature=temperature, max_tokens=16, seed=0,
+                                   banned_ids=banned)
     diffs = []
     for prompt, res in zip(prompts, results):
         enc = data.encode_prompt(prompt, processor)
@@ -82,3 +92,70 @@ def test_sampler_never_emits_banned_tokens(setup):
     sampled = {t for r in results for ids, _ in r["samples"] for t in ids}
     assert len(sampled) > 300  # the draws really cover the vocabulary
     assert not sampled & set(banned)
+
+
+def test_hf_sampler_logprobs_match_trainer(parts):
+    """generate_hf: a text and an image prompt left-padded into shared chunks (5 rows of 8), two
+    temperatures; the returned log-probs must be the trainer's full-forward ones."""
+    processor, policy, prompts = parts
+    banned = rollout.banned_token_ids(processor.tokenizer)
+    for temperature in (1.0, 0.7):
+        results = rollout.generate_hf(policy, processor, prompts, n=4, temperature=temperature, max_tokens=16,
+                                      seed=0, banned_ids=banned, batch_size=5)
+        assert [r["prompt_token_ids"] for r in results] == [
+            data.encode_prompt(p, processor)["prompt_ids"].tolist() for p in prompts]
+        assert all(len(r["samples"]) == 4 and len({tuple(ids) for ids, _ in r["samples"]}) == 4 for r in results)
+        assert max(max_logp_diff(processor, policy, None, prompts, temperature, results)) < 1e-4
+    again = rollout.generate_hf(policy, processor, prompts, n=4, temperature=0.7, max_tokens=16, seed=0,
+                                banned_ids=banned, batch_size=5)
+    assert again == results  # seeded
+
+
+def test_hf_sampler_greedy_and_tiny_top_p_follow_the_argmax(parts):
+    processor, policy, prompts = parts
+    banned = rollout.banned_token_ids(processor.tokenizer)
+    enc = data.encode_prompt(prompts[1], processor)
+    ref = []  # greedy decoding written out: full forward without cache, argmax of the biased logits
+    for _ in range(8):
+        batch = data.collate([{**enc, "response_ids": ref + [0]}], processor.tokenizer.pad_token_id)
+        with torch.no_grad():
+            full = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          position_ids=modeling.mrope_position_ids(
+                              batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
+                              image_token_id=policy.config.image_token_id, merge_size=2),
+                          pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"]).logits[0, -2]
+        full[banned] -= 100
+        ref.append(int(full.argmax()))
+        if ref[-1] == processor.tokenizer.eos_token_id:
+            break
+    for temperature, top_p in ((0, 1.0), (1.0, 1e-6)):
+        res = rollout.generate_hf(policy, processor, prompts[1:], n=2, temperature=temperature, top_p=top_p,
+                                  max_tokens=8, seed=0, banned_ids=banned)
+        assert [ids for ids, _ in res[0]["samples"]] == [ref, ref], (temperature, top_p)
+
+
+def test_sync_from_fsdp_units_matches_plain_weights(setup, tiny_dir):
+    """sync_weights from an FSDP2-wrapped model gathers unit by unit (unshard/reshard): every name
+    and value must be the plain model's, with the checkpoint wrapper's prefix gone, and vLLM must
+    then match the trainer."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.device_mesh import init_device_mesh
+
+    processor, policy, engine, prompts = setup
+    assert dist.is_initialized() and dist.get_world_size() == 1  # vLLM's single-process world
+    plain = copy.deepcopy(policy)
+    perturb(plain, seed=7)
+    wrapped = copy.deepcopy(plain)
+    layers = wrapped.model.language_model.layers
+    layers[0] = checkpoint_wrapper(layers[0])
+    wrapped = modeling.apply_fsdp(wrapped, init_device_mesh("cpu", (1,)))
+    got = {n.replace("_checkpoint_wrapped_module.", ""): t for n, t in rollout.full_weights(wrapped)}
+    want = dict(plain.named_parameters())
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert all(hasattr(p, "full_tensor") for p in wrapped.parameters())  # resharded afterwards
+    rollout.sync_weights(engine, wrapped)
+    assert max(max_logp_diff(processor, plain, engine, prompts, 1.0)) < 1e-4

@@ -112,11 +112,13 @@ def test_final_model_loads_and_matches_the_trainer(runs):
     assert len(changed) > 0.9 * len(start.state_dict())  # the saved model is the trained one
 
 
-def test_resume_after_sigkill_repeats_the_same_steps(tmp_path):
+@pytest.mark.parametrize("sampler", ["vllm", "hf"])
+def test_resume_after_sigkill_repeats_the_same_steps(tmp_path, sampler):
     """2 ranks, checkpoints every 2 steps: a run SIGKILLed after its step-2 checkpoint and resumed
-    with --resume=auto logs steps 3-4 exactly as the uninterrupted run does. The random reward gives
+    with --resume=auto logs steps 3-4 exactly as the uninterrupted run does, with either sampler
+    (hf: the FSDP model itself decodes, both ranks stepping together). The random reward gives
     nonzero advantages, so the steps really update the weights and Adam's state."""
-    extra = ("--reward=random", "--save_freq=2", "--max_steps=4", "--save_hf=false")
+    extra = ("--reward=random", "--save_freq=2", "--max_steps=4", "--save_hf=false", f"--sampler={sampler}")
     _, whole, _, _ = run_train(tmp_path, 2, "whole", *extra)
     out = tmp_path / "killed"
     # The two ranks launched by hand (torchrun puts its workers in sessions of their own, out of
@@ -143,7 +145,7 @@ def test_resume_after_sigkill_repeats_the_same_steps(tmp_path):
     last = {r["step"]: r for r in resumed}  # a step logged before the kill is logged again: take the last
     for step in (3, 4):
         a, b = whole[step - 1], last[step]
-        assert a["grad_norm"] > 0
+        assert a["grad_norm"] > 0 and a["rollout/logp_diff_max"] < 1e-4
         for key in a:
             if not key.startswith(("time/", "memory/")):
                 assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (step, key)
@@ -170,3 +172,19 @@ def test_two_nodes_of_one_rank_each(tmp_path, runs):
     (_, one_launcher, _, _) = runs[1]
     for key in ("reward/overall", "response/length", "loss/policy"):  # both nodes sampled their own share
         assert steps[0][key] == pytest.approx(one_launcher[0][key], abs=1e-5), key
+
+
+def test_tensor_parallel_pair_samples_like_one_rank(tmp_path):
+    """--vllm_tp=2 on 2 ranks: one engine split over both ranks, fed the same prompts and seeds, each
+    rank training on half of the groups. Seeds follow the global prompt index, so this run samples
+    and trains as the 1-rank run does, up to float32 summation order. The random reward keeps the
+    advantages nonzero: with all-zero advantages the gradient is pure rounding noise, which Adam
+    scales up to full-size steps, and the runs would part for that reason alone."""
+    _, one, _, _ = run_train(tmp_path, 1, "one", "--reward=random")
+    _, steps, vals, _ = run_train(tmp_path, 2, "tp2", "--reward=random", "--vllm_tp=2")
+    assert [v["val/n"] for v in vals] == [8, 8]  # each answer scored once, not once per TP rank
+    assert [r["step"] for r in steps] == [1, 2]
+    for a, b in zip(one, steps):
+        assert b["rollout/logp_diff_max"] < 1e-4 and a["grad_norm"] > 0
+        for key in ("reward/overall", "response/length", "loss/policy", "loss/kl", "grad_norm", "clip_frac"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
