@@ -32,8 +32,9 @@ How that maps onto TRL (read from trl/trainer/grpo_trainer.py and grpo_config.py
   per_device_train_batch_size = 40, like our micro-batches.
   num_generations=5, max_completion_length=24, temperature=1.0, top_p=1.0, top_k=0 (off),
   beta=0.01 (TRL's KL is k3), use_bias_correction_kl=False (our KL term is plain k3, not multiplied by
-  the ratio), epsilon=0.2, epsilon_high=0.3, loss_type="dapo" (the sum over tokens divided by the
-  token count of the optimizer step: our token_mean), scale_rewards="group" (our std normalisation),
+  the ratio), epsilon=0.2, epsilon_high=0.3, delta=3.0 (INTELLECT-2's cap on the unclipped ratio:
+  with delta > 1 + epsilon_high it is exactly our dual clip, c=3), loss_type="dapo" (the sum over
+  tokens divided by the token count of the optimizer step: our token_mean), scale_rewards="group",
   learning_rate=1e-3 with lr_scheduler_type="constant" (we have no schedule; TRL's default is
   linear decay), optim="adamw_torch" (torch.optim.AdamW, as ours; the default is the fused one),
   weight_decay=0, max_grad_norm=1.0, bf16=False and fp16=False (float32; TRL defaults to bf16),
@@ -52,7 +53,7 @@ reward.compute_score (math-verify; 0.9 accuracy + 0.1 format), imported from the
 
 Timing: wall clock between the ends of every second optimizer step (a TrainerCallback), so a step
 includes data loading, generation, scoring, the two updates and logging; the first step of ours is
-a warm-up and is not counted. Phases, by wrapping three of the trainer's methods on the instance:
+a warm-up and is not counted. Phases, by wrapping the trainer's methods on the instance:
   rollout  = _generate: chat template + processor on the 160 prompts, model.generate, decoding
   reward   = _calculate_rewards
   logprobs = the rest of _generate_and_score_completions: the processor again on the images,
@@ -68,13 +69,14 @@ Where the two trainers differ (the comparison measures these on purpose or they 
   - Sampling: TRL without vLLM calls transformers `generate` on one left-padded batch of all 160
     sequences (the policy's own weights, so no weight sync); ours samples with an in-process vLLM
     engine and then syncs the weights into it.
-  - TRL runs the image processor twice per step (for generation, then for the log-prob passes);
-    ours encodes once. TRL computes log-probs through its fused (chunked) LM head, and the
-    per-token entropy in the update pass; ours computes entropy in the old-log-prob pass.
+  - TRL runs the image processor on all 160 rows twice per step (for generation, then for the
+    log-prob passes); ours once per prompt for the trainer, besides vLLM's own preprocessing. TRL
+    computes log-probs through its fused (chunked) LM head, and the per-token entropy in the update
+    pass; ours computes entropy in the old-log-prob pass.
   - Loss details with no real cost: TRL's "dapo" divides by half the generation batch's tokens
-    rather than the exact tokens of the optimizer step; TRL has no dual clip (its `delta` is a
-    different clip); its advantage eps is 1e-4 (ours 1e-6); TRL's training log-probs do not carry
-    the -100 bias on vision tokens (they are suppressed only when sampling).
+    rather than the exact tokens of the optimizer step; its advantage eps is 1e-4 (ours 1e-6);
+    TRL's training log-probs do not carry the -100 bias on vision tokens (they are suppressed only
+    when sampling).
   - The reward runs in-process in TRL; ours runs it in worker processes with a time bound.
   - The prompts of a step differ (TRL's RepeatSampler order vs our shuffle), so completion lengths
     differ: compare gen_tokens_per_step too, not only seconds.
@@ -144,8 +146,8 @@ def build_dataset(data_dir, processor, cfg):
 
 def seed_math_reward(completions, answer, **kwargs):
     """reward.compute_score (the reward our trainer uses by default) in TRL's signature."""
-    scores = reward.compute_score([{"response": c[0]["content"], "ground_truth": a} for c, a in zip(completions, answer)])
-    return [s["overall"] for s in scores]
+    inputs = [{"response": c[0]["content"], "ground_truth": a} for c, a in zip(completions, answer)]
+    return [s["overall"] for s in reward.compute_score(inputs)]
 
 
 def check_prompt_encoding(trainer, dataset, processor, n=8):
@@ -153,12 +155,13 @@ def check_prompt_encoding(trainer, dataset, processor, n=8):
     equal what our trainer feeds its model (data.encode_prompt)."""
     for i in range(n):
         row = dataset[i]
-        prompt_ids, _, mm = trainer._tokenize_prompts([prepare_multimodal_messages(row["prompt"], images=row["images"])])
+        messages = prepare_multimodal_messages(row["prompt"], images=row["images"])
+        prompt_ids, _, mm = trainer._tokenize_prompts([messages])
         text = processor.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
         ours = data.encode_prompt({"text": text, "images": row["images"]}, processor)
         if list(prompt_ids[0]) != ours["prompt_ids"].tolist():
             raise SystemExit(f"row {i}: TRL's prompt token ids differ from data.encode_prompt's")
-        if not torch.equal(mm["pixel_values"], ours["pixel_values"]) or not torch.equal(mm["image_grid_thw"], ours["image_grid_thw"]):
+        if not all(torch.equal(mm[k], ours[k]) for k in ("pixel_values", "image_grid_thw")):
             raise SystemExit(f"row {i}: TRL's pixel_values differ from data.encode_prompt's")
     return n
 
@@ -226,7 +229,7 @@ def main():
         top_p=cfg.top_p, top_k=0, generation_kwargs={"suppress_tokens": banned},
         # loss
         beta=cfg.kl_coef, use_bias_correction_kl=False, epsilon=cfg.clip_eps_low, epsilon_high=cfg.clip_eps_high,
-        loss_type="dapo", scale_rewards="group",
+        delta=cfg.dual_clip or None, loss_type="dapo", scale_rewards="group",
         # optimizer
         learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, gradient_checkpointing=False,
@@ -329,10 +332,10 @@ def main():
         problems = []
         if s["completions"] != gen_batch:
             problems.append(f"{s['completions']} completions generated, expected {gen_batch}")
-        if [r.get("trained", 0) for r in recs] != [per_update] * updates:
-            problems.append(f"completions per optimizer step {[r.get('trained', 0) for r in recs]}, expected {per_update}")
-        if {key for key in s if key.startswith("micro_batch_of_")} != {f"micro_batch_of_{micro}"}:
-            problems.append(f"micro-batch sizes {sorted(key for key in s if key.startswith('micro_batch_of_'))}, expected {micro}")
+        if (trained := [r.get("trained", 0) for r in recs]) != [per_update] * updates:
+            problems.append(f"completions per optimizer step {trained}, expected {per_update}")
+        if (sizes := {key for key in s if key.startswith("micro_batch_of_")}) != {f"micro_batch_of_{micro}"}:
+            problems.append(f"micro-batches {sorted(sizes)}, expected {micro} completions each")
         if (images := {key: v for key, v in s.items() if key.startswith("images/")}) != want_images:
             problems.append(f"the vision tower saw {images}, expected {want_images}")
         if problems:
@@ -355,7 +358,8 @@ def main():
         "gen_tokens_per_step_trl_log": statistics.mean(log["completions/mean_length"] for log in logs[args.warmup:])
         * gen_batch,
         "completions_per_step": gen_batch, "optimizer_steps_per_step": updates, "micro_batch_size": micro,
-        "phases": {p: statistics.median(s[p] for s in timed_steps) for p in ("rollout", "reward", "logprobs", "update")},
+        "phases": {p: statistics.median(s[p] for s in timed_steps)  # median seconds per step
+                   for p in ("rollout", "reward", "logprobs", "update")},
         "reward_per_step": [round(log["reward"], 4) for log in logs],  # warm-up included, as a sanity check
         "threads": torch.get_num_threads(), "seed": cfg.seed, "wall_s": round(wall, 2),
         "checks": {"prompt_rows_checked": checked, "images_per_step": want_images,

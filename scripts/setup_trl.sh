@@ -53,7 +53,8 @@ if ! "$PY" -c "import torchvision" 2>/dev/null; then
 fi
 
 echo "setup_trl: checking imports"
-if ! "$PY" -c "import torch, torchvision, transformers, trl, datasets, math_verify; print('setup_trl: trl', trl.__version__, '| transformers', transformers.__version__, '| torch', torch.__version__)"; then
+if ! "$PY" -c "import torch, torchvision, transformers, trl, datasets, math_verify
+print('setup_trl: trl', trl.__version__, '| transformers', transformers.__version__, '| torch', torch.__version__)"; then
     echo "setup_trl: ERROR: import check failed (see the traceback above)" >&2
     exit 1
 fi
