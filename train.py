@@ -66,6 +66,7 @@ class Config:
     vllm_tp: int = 1  # tensor parallel size: groups of vllm_tp consecutive ranks share one engine's prompts
     vllm_sleep_level: int = 1  # CUDA: free vLLM's memory between rollouts (1 = weights to host RAM, 2 = dropped; 0 = off)
     # --- algorithm ---
+    algo: str = "grpo"  # grpo | sft (train_data: rows with a response) | mpo (train_data: chosen/rejected pairs)
     adv_estimator: str = "grpo"  # grpo | rloo
     adv_std_norm: bool = True  # divide by the group std (False = Dr.GRPO)
     ratio_level: str = "token"  # token | sequence (GSPO) | sequence_token (GSPO-token)
@@ -89,6 +90,8 @@ class Config:
     chord_warmup_steps: int = 0
     chord_decay_steps: int = 100
     chord_phi: bool = True  # weight SFT tokens by p (1 - p) (CHORD-phi)
+    mpo_beta: float = 0.1  # MPO: the DPO/BCO temperature on sum_t log(pi / pi_ref)
+    mpo_weights: str = "0.8,0.2,1.0"  # MPO: weights of the DPO, BCO and SFT terms (the MPO paper's)
     reward: str = "math"  # math | r1v | choice | random | path/to/file.py:function
     reward_timeout: float = 10.0  # seconds per reward chunk before it is scored 0
     # --- optimisation ---
@@ -122,7 +125,8 @@ class Config:
 
 
 # The tiny default: what `python train.py` runs on a laptop CPU. Applied only when model_path is
-# "tiny" and only to the flags the user did not set; the dataclass keeps the seed's GPU recipe.
+# "tiny" or the training data is the synthetic task (e.g. GRPO from an SFT stage's tiny model), and
+# only to the flags the user did not set; the dataclass keeps the seed's GPU recipe.
 TINY = dict(lr=1e-3, weight_decay=0.0, min_pixels=56 * 56, max_pixels=112 * 112, max_prompt_length=512,
             rollout_batch_size=32, global_batch_size=16, micro_batch_size=40, max_response_length=24,
             max_steps=120, val_freq=20, vllm_kv_cache_mb=64, vllm_enforce_eager=True)
@@ -160,7 +164,7 @@ def parse_flags(argv):
             except ValueError:
                 raise SystemExit(f"--{name} takes a {kind.__name__}, not {value!r}")
         i += 1
-    if given.get("model_path", Config.model_path) == "tiny":
+    if given.get("model_path", Config.model_path) == "tiny" or given.get("train_data", Config.train_data).startswith("synthetic"):
         given = {**TINY, **given}
     return Config(**given)
 
@@ -175,7 +179,7 @@ def prepare_tiny(cache_dir, *, warm_start_steps, grounded_steps, seed=0):
     """
     data_dir = os.path.join(cache_dir, "data")
     model_dir = os.path.join(cache_dir, f"model-ws{warm_start_steps}-g{grounded_steps}")  # one per warm-start recipe
-    if not os.path.exists(os.path.join(data_dir, "sft.parquet")):
+    if not all(os.path.exists(os.path.join(data_dir, f)) for f in ("sft.parquet", "sft.jsonl", "pref.jsonl")):
         data.make_synthetic(data_dir, seed=seed)
     if os.path.exists(os.path.join(model_dir, "config.json")):
         return model_dir, data_dir
@@ -290,12 +294,45 @@ def optimizer_step(policy, optimizer, chunk, cfg, *, use_kl, world_size, device,
                                  num_tokens=counts["sft_tokens"] / world_size)
             (mu * sft).backward()
             stats["loss/sft"] += sft.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    stats["grad_norm"] = clip_and_step(policy, optimizer, cfg.max_grad_norm)
+    return stats
+
+
+def clip_and_step(policy, optimizer, max_grad_norm):
+    """Clip the accumulated gradients to max_grad_norm and step; returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     if torch.isfinite(grad_norm):  # a non-finite norm would poison Adam's moments (EasyR1 skips the step too)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    stats["grad_norm"] = grad_norm.item()
+    return grad_norm.item()
+
+
+def mpo_step(policy, optimizer, pairs, cfg, *, delta, world_size, device, pad_id, banned_ids):
+    """One MPO optimizer step on this rank's `pairs` ((chosen, rejected) samples with ref_logp), in
+    micro-batches of micro_batch_size sequences (the pair halves side by side). The pair terms are
+    normalised by the global pair count, the SFT term by the global chosen-token count, as
+    optimizer_step does. BCO's shift `delta` is held fixed during the step (grpo.bco_delta)."""
+    counts = all_reduce({"pairs": len(pairs), "tokens": sum(len(c["response_ids"]) for c, _ in pairs)})
+    n_pairs, n_tokens = counts["pairs"] / world_size, counts["tokens"] / world_size
+    weights = tuple(float(w) for w in cfg.mpo_weights.split(","))
+    stats, rewards = {}, 0.0
+    half = max(1, cfg.micro_batch_size // 2)
+    for j in range(0, len(pairs), half):
+        micro = pairs[j:j + half]
+        k = len(micro)
+        _, mb = next(micro_batches([c for c, _ in micro] + [r for _, r in micro], 2 * k, pad_id, device))
+        mask = mb["response_mask"]
+        logp = modeling.token_logprobs(policy, mb, banned_ids=banned_ids)
+        logratio = ((logp - mb["ref_logp"]) * mask).sum(-1)  # (2k,): sum_t log pi(y_t) - log pi_ref(y_t)
+        loss, m = grpo.mpo_loss(logratio[:k], logratio[k:], logp[:k], mask[:k], beta=cfg.mpo_beta, delta=delta,
+                                weights=weights, num_pairs=n_pairs, num_tokens=n_tokens)
+        loss.backward()
+        for key, v in m.items():  # loss_* are already shares of the global mean; the others are micro means
+            stats[f"mpo/{key}"] = stats.get(f"mpo/{key}", 0.0) + v.item() * (1 if key.startswith("loss_") else k / n_pairs)
+        rewards += cfg.mpo_beta * logratio.detach().sum().item()
+    stats["grad_norm"] = clip_and_step(policy, optimizer, cfg.max_grad_norm)
+    stats["mpo/reward_mean"] = rewards / (2 * n_pairs)  # this rank's share of the mean of r_c and r_r
     return stats
 
 
@@ -306,6 +343,10 @@ def peak_memory_gb():
 
 
 def main(cfg):
+    if cfg.algo not in ("grpo", "sft", "mpo"):
+        raise SystemExit(f"--algo must be grpo, sft or mpo, not {cfg.algo!r}")
+    if cfg.algo != "grpo":  # offline losses are log-likelihoods of the data: no sampling temperature
+        cfg = dataclasses.replace(cfg, temperature=1.0)
 
     # --- distributed setup: torchrun's env vars, or a world of one for plain `python train.py` ---
     if "RANK" not in os.environ:  # set what torchrun would, so one code path serves both
@@ -359,7 +400,7 @@ def main(cfg):
                                       activation_checkpointing=cfg.activation_checkpointing, freeze_vision=cfg.freeze_vision,
                                       freeze_merger=cfg.freeze_merger, freeze_llm=cfg.freeze_llm, **fsdp)
     ref = None
-    if cfg.kl_coef > 0:  # the KL anchor; never built without a KL term
+    if cfg.algo == "mpo" or cfg.algo == "grpo" and cfg.kl_coef > 0:  # the KL / MPO anchor; else never built
         ref = modeling.load_fsdp_model(model_path, mesh, rank=rank, cpu_offload=cfg.ref_cpu_offload, **fsdp)
         ref.requires_grad_(False)
     # Before any forward: after one, FSDP2's root stays gathered and parameters() would hand the
@@ -375,20 +416,21 @@ def main(cfg):
     else:
         format_prompt = data.MATH_FORMAT_PROMPT
 
-    def load_prompts(spec):
+    def load_prompts(spec, kind="prompt"):
         prompts, summary = data.load_prompts(spec, processor, format_prompt=format_prompt, min_pixels=cfg.min_pixels,
                                              max_pixels=cfg.max_pixels, max_prompt_length=cfg.max_prompt_length,
                                              prompt_key=cfg.prompt_key, answer_key=cfg.answer_key,
-                                             image_key=cfg.image_key)
+                                             image_key=cfg.image_key, kind=kind)
         print0(summary)
         return prompts
 
-    train_prompts = load_prompts(train_spec)
+    train_prompts = load_prompts(train_spec, {"grpo": "prompt", "sft": "sft", "mpo": "pref"}[cfg.algo])
     val_prompts = load_prompts(val_spec) if val_spec else []
     if cfg.val_max_prompts:
         val_prompts = val_prompts[:cfg.val_max_prompts]
     reward_fn = reward.load_reward(cfg.reward)
     banned = rollout.banned_token_ids(tokenizer)
+    image_token_id = policy.config.image_token_id
     # A TP group (tp consecutive ranks, vLLM's layout) samples the same prompts with the same seeds;
     # each of its ranks then trains on its own 1/tp of the groups. dp_rank numbers the TP groups.
     tp = cfg.vllm_tp if cfg.sampler == "vllm" else 1
@@ -550,10 +592,46 @@ def main(cfg):
                         "response_ids": tokenizer.encode(row["response"]) + [tokenizer.eos_token_id]})
         return out
 
+    mpo_state = {"delta": 0.0, "batches": 0}  # BCO's running shift and how many steps are in it
+
+    def offline_step(step):
+        """SFT or MPO on the next rollout_batch_size rows (updates_per_step optimizer steps): the batch
+        comes from the data, not the sampler. Returns the step's metrics, reduced over ranks."""
+        t0 = time.perf_counter()
+        rows = next_prompts()[0][tp_rank::tp]
+
+        def sample(p, text):
+            return {**data.encode_prompt(p, processor), "response_ids": tokenizer.encode(text) + [tokenizer.eos_token_id]}
+
+        per_update, updates = len(rows) // updates_per_step, []
+        for u in range(updates_per_step):
+            chunk = rows[u * per_update:(u + 1) * per_update]
+            if cfg.algo == "sft":  # CHORD's SFT term alone: mu = 1, no phi weighting
+                stats = optimizer_step(policy, optimizer, [], dataclasses.replace(cfg, chord_phi=False), use_kl=False,
+                                       world_size=world_size, device=device, pad_id=tokenizer.pad_token_id,
+                                       banned_ids=banned, sft_chunk=[sample(p, p["response"]) for p in chunk], mu=1.0)
+                updates.append({k: stats[k] for k in ("loss/sft", "grad_norm")})
+                continue
+            pairs = [(sample(p, p["chosen"]), sample(p, p["rejected"])) for p in chunk]
+            flat = [s for pair in pairs for s in pair]
+            for s, r_ in zip(flat, logprobs(ref, flat)):
+                s["ref_logp"] = r_
+            stats = mpo_step(policy, optimizer, pairs, cfg, delta=mpo_state["delta"], world_size=world_size,
+                             device=device, pad_id=tokenizer.pad_token_id, banned_ids=banned)
+            mean = all_reduce({"r": stats["mpo/reward_mean"]})["r"] / world_size
+            mpo_state["delta"] = grpo.bco_delta(mpo_state["delta"], mpo_state["batches"], [mean])
+            mpo_state["batches"] += 1
+            updates.append({**stats, "mpo/delta": mpo_state["delta"]})
+        record = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+        record = {k: v / world_size for k, v in all_reduce(record).items()}
+        record["time/update"] = time.perf_counter() - t0
+        record["memory/peak_gb"] = all_reduce({"m": peak_memory_gb()}, op=dist.ReduceOp.MAX)["m"]
+        return record
+
     def save(step):
         """A checkpoint that resumes exactly: weights, Adam state, the data order and position, RNGs."""
         state = {"step": step, "order": order, "cursor": cursor, "draws": draws, "order_rng": order_rng.getstate(),
-                 "sft_rng": sft_rng.getstate(), "torch_rng": torch.get_rng_state()}
+                 "sft_rng": sft_rng.getstate(), "torch_rng": torch.get_rng_state(), "mpo": dict(mpo_state)}
         modeling.save_checkpoint(os.path.join(ckpt_root, f"step_{step}"), policy, optimizer, state, rank=rank)
         if master_process:
             done = sorted(int(d[5:]) for d in os.listdir(ckpt_root) if re.fullmatch(r"step_\d+", d))
@@ -567,10 +645,19 @@ def main(cfg):
         order_rng.setstate(extra["order_rng"])
         sft_rng.setstate(extra["sft_rng"])
         torch.set_rng_state(extra["torch_rng"])
+        mpo_state.update(extra.get("mpo", {}))
     first_val = validate(0) if start == 1 else {}
     t_start = time.perf_counter()
     for step in tqdm(range(start, cfg.max_steps + 1), disable=not master_process, desc="grpo",
                      initial=start - 1, total=cfg.max_steps):
+        if cfg.algo != "grpo":  # SFT / MPO: no rollouts; the sampler gets the weights only to validate
+            log({"step": step, **offline_step(step)})
+            if step % cfg.val_freq == 0 and step != cfg.max_steps:
+                sync()
+                validate(step)
+            if cfg.save_freq and step % cfg.save_freq == 0:
+                save(step)
+            continue
         timing, t0 = {"time/rollout": 0.0, "time/reward": 0.0}, time.perf_counter()
         reward_stats = {}
         # ---------------------------------------------------------------- rollout and reward
@@ -640,12 +727,18 @@ def main(cfg):
                  "rollout/logp_diff_mean": diffs.mean().item(),
                  **{k: v for k, v in stats.items() if k != "ratio_max"},
                  "rollout/rounds": rounds, **reward_stats, **timing, "memory/peak_gb": peak_memory_gb()}
+        # Tokens trained on this step, all ranks (EasyR1's throughput counts prompt + image + response):
+        # the prompt ids are processor-expanded, so they include the image's tokens.
+        counts = {"tokens/prompt": sum(len(s["prompt_ids"]) for s in samples),
+                  "tokens/image": sum(int((s["prompt_ids"] == image_token_id).sum()) for s in samples),
+                  "tokens/response": sum(len(s["response_ids"]) for s in samples)}
+        local.update(counts)
         record = {k: v / world_size for k, v in all_reduce(local).items()}
         record.update(mean_scores(scores, "reward")[0])
         record.update(all_reduce({"rollout/logp_diff_max": diffs.max().item(), "ratio_max": stats["ratio_max"],
                                   "memory/peak_gb": local["memory/peak_gb"], "time/step": timing["time/step"]},
                                  op=dist.ReduceOp.MAX))
-        for k in reward_stats:  # counts add up over ranks
+        for k in [*reward_stats, *counts]:  # counts add up over ranks
             record[k] *= world_size
         log({"step": step, **record})
         # ---------------------------------------------------------------- eval
@@ -654,6 +747,8 @@ def main(cfg):
         # ---------------------------------------------------------------- checkpoint
         if cfg.save_freq and step % cfg.save_freq == 0:
             save(step)
+    if cfg.algo != "grpo":
+        sync()
     last_val = validate(cfg.max_steps)
     wall = time.perf_counter() - t_start
     # ---------------------------------------------------------------- save

@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_flags_parse_both_forms_and_reject_mistakes():
-    cfg = train.parse_flags(["--model_path=Qwen/Qwen2.5-VL-7B-Instruct", "--lr", "3e-6", "--vllm_enforce_eager=true"])
+    cfg = train.parse_flags(["--model_path=Qwen/Qwen2.5-VL-7B-Instruct", "--lr", "3e-6", "--vllm_enforce_eager=true",
+                             "--train_data=hiyouga/geometry3k@train"])
     assert (cfg.lr, cfg.vllm_enforce_eager, cfg.num_generations) == (3e-6, True, 5)
     assert cfg.rollout_batch_size == train.Config.rollout_batch_size  # a real model keeps the seed recipe
     for bad in (["--lr=fast"], ["--learning_rate=1"], ["--vllm_enforce_eager=yes"], ["lr=1"], ["--lr"]):
@@ -188,3 +189,26 @@ def test_tensor_parallel_pair_samples_like_one_rank(tmp_path):
         assert b["rollout/logp_diff_max"] < 1e-4 and a["grad_norm"] > 0
         for key in ("reward/overall", "response/length", "loss/policy", "loss/kl", "grad_norm", "clip_frac"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_sft_then_grpo_and_mpo_share_the_sft_term(tmp_path):
+    """The seed-2 pipeline on the tiny default: --algo=sft on the synthetic query/response jsonl, then
+    GRPO from its exported model. And --algo=mpo on 2 ranks over the same rows as preference pairs
+    (chosen = the SFT response): at its first step the policy is the reference, so the DPO term is
+    exactly log 2, BCO's 2 log 2 (delta 0), and its SFT term must equal the SFT run's first loss,
+    computed by another code path on another world size."""
+    import math
+
+    offline = ("--rollout_batch_size=8", "--global_batch_size=8")
+    sft_out, _, _, _ = run_train(tmp_path, 1, "sft", "--algo=sft", "--train_data=synthetic/sft.jsonl", *offline)
+    assert sft_out.joinpath("hf", "config.json").exists()
+    sft_steps = [json.loads(line) for line in open(sft_out / "metrics.jsonl") if "loss/sft" in line]
+    assert [r["step"] for r in sft_steps] == [1, 2] and all(r["grad_norm"] > 0 for r in sft_steps)
+    _, grpo_steps, _, stdout = run_train(tmp_path, 1, "grpo", f"--model_path={sft_out / 'hf'}", "--max_steps=1")
+    assert "model " + str(sft_out / "hf") in stdout and grpo_steps[0]["rollout/logp_diff_max"] < 1e-4
+    mpo_out, _, _, _ = run_train(tmp_path, 2, "mpo", "--algo=mpo", "--train_data=synthetic/pref.jsonl", *offline)
+    mpo = [json.loads(line) for line in open(mpo_out / "metrics.jsonl") if "mpo/loss_dpo" in line]
+    assert mpo[0]["mpo/loss_dpo"] == pytest.approx(math.log(2), abs=1e-6)
+    assert mpo[0]["mpo/loss_bco"] == pytest.approx(2 * math.log(2), abs=1e-6)
+    assert mpo[0]["mpo/loss_sft"] == pytest.approx(sft_steps[0]["loss/sft"], rel=1e-5)
+    assert mpo[1]["mpo/delta"] != 0 and mpo[1]["mpo/loss_dpo"] != pytest.approx(math.log(2), abs=1e-4)
