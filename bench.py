@@ -10,7 +10,16 @@ reference model, float32) with validation off; the numbers are read from its met
 side is bench_trl.py in .venv-trl (its docstring maps the same work onto GRPOConfig). The first
 step of each is a warm-up and is not counted; medians over the rest.
 
-Printed per implementation: seconds per step and per phase (rollout, reward, old/ref log-probs,
+A second mode, for GPUs (issue 7), times the trainer alone on Qwen2.5-VL-3B- or 7B-shaped models
+with random weights built from the real configs (no download), FSDP2 on one device:
+
+    python bench.py --model=7b --master_dtype=bfloat16 [--activation_checkpointing] [--cpu_offload]
+
+It prints update tokens/s and log-prob tokens/s (forward without gradients), the update's MFU and
+peak memory, on micro-batches of --seqs sequences, each one image (--image_px square, 4 patches per
+merged token) plus --text_len prompt tokens and --response_len response tokens.
+
+Printed per implementation (first mode): seconds per step and per phase (rollout, reward, old/ref log-probs,
 update, weight sync), tokens/s (prompt + image + response tokens trained per step over the step
 time, EasyR1's definition; prompt tokens are processor-expanded so they include the image's),
 generated tokens/s (response tokens over the rollout phase), peak memory, and on a GPU the update's
@@ -66,13 +75,123 @@ def summarise_ours(records, model_dir):
     return row
 
 
+# The language model and vision tower of Qwen2.5-VL-3B/7B-Instruct (their config.json files).
+SHAPES = {"3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                     num_key_value_heads=2, vocab_size=151936, tie=True),
+          "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=152064, tie=False)}
+VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+              temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+
+
+def train_flops(model, tokens, patches):
+    """FLOPs of forward + backward: 6 N per token for the N parameters the tokens pass through
+    (the language model: every parameter but the vision tower, the input embedding counted too as
+    the usual approximation, attention's quadratic term left out) and 6 N_vision per vision patch."""
+    n_vision = sum(p.numel() for p in model.model.visual.parameters())
+    n_text = sum(p.numel() for p in model.parameters()) - n_vision
+    return 6 * n_text * tokens + 6 * n_vision * patches
+
+
+def model_bench(args):
+    """Update and log-prob throughput of one FSDP2 rank on a 3B/7B-shaped Qwen2.5-VL (issue 7)."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    sys.path.insert(0, ROOT)
+    import model as modeling
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+    dist.init_process_group("cuda:nccl,cpu:gloo" if cuda and args.cpu_offload else "nccl" if cuda else "gloo",
+                            rank=0, world_size=1)
+    text = dict(SHAPES[args.model])
+    tie = text.pop("tie")
+    if args.layers:  # fewer layers, for a quick check on a small machine
+        text["num_hidden_layers"] = args.layers
+    vision = {**VISION, "out_hidden_size": text["hidden_size"], **({"depth": args.layers} if args.layers else {})}
+    config = Qwen2_5_VLConfig(text_config={**text, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                                                       "mrope_section": [16, 24, 24]}},
+                              vision_config=vision, tie_word_embeddings=tie, image_token_id=151655)
+    master = getattr(torch, args.master_dtype)
+    with torch.device(device):  # random init on the device: fast, and the rotary buffers are computed
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=master,
+                                                                attn_implementation=modeling.attention_implementation())
+    modeling.apply_fsdp(model, init_device_mesh(device.type, (1,)), param_dtype=torch.bfloat16 if cuda else torch.float32,
+                        activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload)
+    if args.cpu_offload:
+        model.to("cpu")
+        for buf in model.buffers():
+            buf.data = buf.data.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    # One micro-batch: per sequence one image of g x g patches (g/2 x g/2 merged tokens), then text.
+    g = args.image_px // 14
+    n_img, P, T = (g // 2) ** 2, args.text_len + (g // 2) ** 2 + 2, args.response_len
+    ids = torch.randint(0, 150000, (args.seqs, P + T))
+    ids[:, 1:1 + n_img] = config.image_token_id
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_ids": ids[:, P:],
+             "response_mask": torch.ones(args.seqs, T), "image_grid_thw": torch.tensor([[1, g, g]] * args.seqs),
+             "pixel_values": torch.randn(args.seqs * g * g, 3 * 2 * 14 * 14)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    tokens, patches = args.seqs * (P + T), args.seqs * g * g
+
+    def timed(fn):
+        fn()  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / args.steps
+
+    def update():
+        modeling.token_logprobs(model, batch).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def logprobs():
+        with torch.no_grad():
+            modeling.token_logprobs(model, batch)
+
+    t_update, t_logp = timed(update), timed(logprobs)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    flops = train_flops(model, tokens, patches)
+    print(f"| {args.model} ({config.text_config.num_hidden_layers} layers) | {name} | {args.master_dtype} | "
+          f"ac={args.activation_checkpointing} offload={args.cpu_offload} | {tokens / t_update:.0f} | "
+          f"{tokens / t_logp:.0f} | " + (f"{flops / t_update / peak_flops:.1%}" if peak_flops else "n/a")
+          + f" | {peak:.1f} GiB |")
+    dist.destroy_process_group()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation, after one warm-up step")
     ap.add_argument("--impls", default="vllm,hf,trl", help="comma-separated: vllm, hf (ours), trl")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for every implementation")
     ap.add_argument("--out_dir", default="out-bench")
+    ap.add_argument("--model", default="", help="3b or 7b: the GPU trainer benchmark instead (see the docstring)")
+    ap.add_argument("--master_dtype", default="bfloat16")
+    ap.add_argument("--activation_checkpointing", action="store_true")
+    ap.add_argument("--cpu_offload", action="store_true")
+    ap.add_argument("--layers", type=int, default=0, help="override the layer count (0 = the real model's)")
+    ap.add_argument("--seqs", type=int, default=8, help="sequences per micro-batch")
+    ap.add_argument("--image_px", type=int, default=448)
+    ap.add_argument("--text_len", type=int, default=200)
+    ap.add_argument("--response_len", type=int, default=1024)
     args, flags = ap.parse_known_args()  # the rest are train.py flags for our runs, e.g. --model_path=...
+    if args.model:
+        print("| model | device | master | memory options | update tok/s | log-prob tok/s | update MFU | peak |")
+        return model_bench(args)
     sys.path.insert(0, ROOT)
     import train
 
