@@ -4,10 +4,13 @@
   real processor, so everything (tests, the default CPU run) works with no download.
 - `apply_fsdp` is the whole FSDP2 wrap (the torchtitan recipe), its memory options and freezing;
   `load_fsdp_model` builds it on the meta device and fills it from rank 0's one copy of the weights.
+- `apply_lora` (hand-written LoRA on the language model), `merge_lora` back to plain HF weights for
+  vLLM and exports, `save_lora_adapter` in PEFT's format.
 - `token_logprobs` runs the forward with explicit 3-D mRoPE positions and returns log p(token) for
   the response tokens only.
 - Checkpoints: sharded save/load (DCP); `export_checkpoint` (`python model.py export`) to an HF folder.
 """
+import json
 import os
 
 import torch
@@ -155,7 +158,7 @@ def apply_fsdp(model, mesh, *, param_dtype=torch.float32, reduce_dtype=torch.flo
     return model
 
 
-def load_fsdp_model(path, mesh, *, rank, master_dtype=torch.float32, **fsdp_options):
+def load_fsdp_model(path, mesh, *, rank, master_dtype=torch.float32, lora=None, **fsdp_options):
     """The FSDP2-wrapped model (apply_fsdp with `fsdp_options`) with at most one full copy in host
     memory, on rank 0: every rank builds the model on the meta device (shapes, no storage), wraps it
     and allocates only its shards; rank 0 alone reads the weights and broadcasts them tensor by
@@ -165,6 +168,9 @@ def load_fsdp_model(path, mesh, *, rank, master_dtype=torch.float32, **fsdp_opti
     gradient and AdamW-state memory but keeps 8 significant bits, so an update under ~2^-9 of a
     weight rounds away: at lr 1e-6 Adam moves a weight of 1e-2 by 1e-4 of itself, and training
     silently stalls (EasyR1 pairs pure bf16 with a Kahan-summing AdamW). float32 is the default.
+
+    lora: apply_lora's keywords (dict(rank=8, alpha=16)), applied to the meta model before the wrap and
+    to rank 0's copy before the broadcast: the same names (`q_proj.base.weight`), rank 0's adapters.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoConfig
@@ -172,10 +178,14 @@ def load_fsdp_model(path, mesh, *, rank, master_dtype=torch.float32, **fsdp_opti
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(
             AutoConfig.from_pretrained(path), dtype=master_dtype, attn_implementation=attention_implementation())
+    if lora:
+        apply_lora(model, **lora)
     apply_fsdp(model, mesh, **fsdp_options)
     device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
     model.to_empty(device=device)  # on the GPU even with cpu_offload: NCCL broadcasts from GPU memory
     full = load_model(path, dtype=master_dtype) if rank == 0 else None
+    if lora and rank == 0:
+        apply_lora(full, **lora)
     set_model_state_dict(model, full.state_dict() if rank == 0 else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     # Non-persistent buffers (the text and vision rotary inv_freq, computed in __init__) are in no
@@ -190,6 +200,66 @@ def load_fsdp_model(path, mesh, *, rank, master_dtype=torch.float32, **fsdp_opti
         for buf in model.buffers():
             buf.data = buf.data.to(device)
     return model
+
+
+# ----------------------------------------------------------------------------- LoRA
+class LoRALinear(torch.nn.Module):
+    """y = base(x) + dropout(x) @ A^T @ B^T * alpha / rank (Hu et al. 2021), `base` frozen. PEFT's init:
+    A (rank, in) kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(in)), B (out, rank) zeros: it starts as base."""
+
+    def __init__(self, base, *, rank, alpha, dropout, generator):
+        super().__init__()
+        self.base, self.scale, self.dropout = base, alpha / rank, torch.nn.Dropout(dropout)
+        A = torch.nn.init.kaiming_uniform_(torch.empty(rank, base.in_features), a=5 ** 0.5, generator=generator)
+        self.lora_A = torch.nn.Parameter(A.to(base.weight))  # drawn on the CPU, then base's device and dtype
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank).to(base.weight))
+
+    def forward(self, x):
+        return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+
+def apply_lora(model, *, rank, alpha, dropout=0.0, seed=0,
+               targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+    """Freeze `model`, then wrap each nn.Linear named one of `targets` in the language model's layers
+    (not in the vision tower, whose MLP is named alike) in a LoRALinear. Before FSDP: load_fsdp_model(lora=).
+    Names: `<m>.base.weight`, `<m>.base.bias` (frozen), `<m>.lora_A` (rank, in), `<m>.lora_B` (out, rank),
+    m = e.g. model.language_model.layers.0.self_attn.q_proj; merge_lora turns them back into `<m>.weight`.
+    Only the adapters train; to train more, unfreeze it before apply_fsdp (model.lm_head.requires_grad_(True)).
+    A is drawn from a generator seeded with `seed`, so every rank draws the same. `model.lora` keeps the
+    settings, for the savers."""
+    model.requires_grad_(False)
+    generator, layers = torch.Generator().manual_seed(seed), model.model.language_model.layers
+    for name, module in list(layers.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] in targets:
+            layers.set_submodule(name, LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout, generator=generator))
+    model.lora = dict(rank=rank, alpha=alpha, dropout=dropout, targets=list(targets), seed=seed)
+    return model
+
+
+def merge_lora(named_tensors, *, scale):
+    """(name, full tensor) pairs of a LoRA model (rollout.full_weights, a state dict) under the plain HF
+    names: `<m>.weight` = base.weight + scale * lora_B @ lora_A (in float32), `<m>.bias` = base.bias, the
+    rest as they come. A module's three tensors may come in any order; each waits only for the others."""
+    pending = {}  # module -> {"weight", "lora_A", "lora_B"} so far
+    for name, t in named_tensors:
+        module, _, leaf = name.rpartition(".")
+        if module.endswith(".base") and leaf == "bias":
+            yield module.removesuffix(".base") + ".bias", t
+        elif module.endswith(".base") or leaf in ("lora_A", "lora_B"):
+            module = module.removesuffix(".base")
+            pending.setdefault(module, {})[leaf] = t
+            if len(pending[module]) == 3:
+                w, A, B = map(pending.pop(module).get, ("weight", "lora_A", "lora_B"))
+                yield module + ".weight", (w.float() + scale * (B.float() @ A.float())).to(w.dtype)
+        else:
+            yield name, t
+    assert not pending, f"LoRA modules missing a tensor: {sorted(pending)}"
+
+
+def hf_state_dict(model, state):
+    """A full state dict of `model` under the plain Qwen2.5-VL names: adapters merged, if it has any."""
+    lora = getattr(model, "lora", None)
+    return dict(merge_lora(state.items(), scale=lora["alpha"] / lora["rank"])) if lora else state
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -281,15 +351,38 @@ def token_logprobs(model, batch, *, temperature=1.0, banned_ids=(), with_entropy
 
 # ----------------------------------------------------------------------------- saving
 def save_hf(model, processor, out_dir, *, rank):
-    """A consolidated save_pretrained folder (model + processor) that transformers and vLLM load.
-    Gathering the full state dict is collective: every rank calls this; rank 0 writes."""
+    """A consolidated save_pretrained folder (model + processor) that transformers and vLLM load,
+    LoRA merged in. Gathering the full state dict is collective: every rank calls this; rank 0 writes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-        model.save_pretrained(out_dir, state_dict=state)
+        model.save_pretrained(out_dir, state_dict=hf_state_dict(model, state))
         processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_lora_adapter(model, out_dir, *, rank):
+    """The adapters alone, as PEFT saves them (for PeftModel.from_pretrained, vLLM's LoRARequest):
+    adapter_model.safetensors (`base_model.model.<m>.lora_A.weight` (rank, in), `.lora_B.weight`) and
+    adapter_config.json. Collective under FSDP (each adapter is all-gathered); rank 0 writes."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, p in model.named_parameters():
+        if name.endswith((".lora_A", ".lora_B")):
+            p = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()  # FSDP2: a DTensor shard
+            tensors[f"base_model.model.{name.replace('_checkpoint_wrapped_module.', '')}.weight"] = p.cpu().contiguous()
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+        lora = model.lora  # target_modules as a regex, which PEFT full-matches: a list takes the vision MLP too
+        config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=lora["rank"], lora_alpha=lora["alpha"],
+                      lora_dropout=lora["dropout"], bias="none", base_model_name_or_path=model.config.name_or_path,
+                      target_modules=rf".*\.language_model\.layers\.\d+\..*\.({'|'.join(lora['targets'])})")
+        with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
     return out_dir
 
 
@@ -310,6 +403,9 @@ def save_checkpoint(path, model, optimizer, extra, *, rank):
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
     torch.save(extra, os.path.join(tmp, f"extra_rank{rank}.pt"))
+    if rank == 0 and getattr(model, "lora", None):  # export_checkpoint rebuilds the adapters from it
+        with open(os.path.join(tmp, "lora.json"), "w") as f:
+            json.dump(model.lora, f)
     dist.barrier()
     if rank == 0:
         os.rename(tmp, path)
@@ -332,13 +428,17 @@ def export_checkpoint(ckpt_dir, model_path, out_dir, *, dtype=torch.float32):
     """A save_pretrained folder (model + processor), as save_hf writes, from a save_checkpoint
     folder, in one process: DCP reshards when it loads, so a checkpoint written by any number of
     ranks reads here whole. Only the model entries are read, not the optimizer state. model_path
-    is the model the run started from: it gives the config, the processor and the tensors to fill."""
+    is the model the run started from: it gives the config, the processor and the tensors to fill.
+    A LoRA run's checkpoint (it holds lora.json) is exported with the adapters merged in."""
     import torch.distributed.checkpoint as dcp
     from transformers import AutoProcessor
 
     model = load_model(model_path, dtype=dtype)
+    if os.path.exists(os.path.join(ckpt_dir, "lora.json")):
+        with open(os.path.join(ckpt_dir, "lora.json")) as f:
+            apply_lora(model, **json.load(f))
     dcp.load({"model": model.state_dict()}, checkpoint_id=ckpt_dir, no_dist=True)  # in place, into the model
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, state_dict=hf_state_dict(model, model.state_dict()))
     AutoProcessor.from_pretrained(model_path).save_pretrained(out_dir)
     return out_dir
 

@@ -5,6 +5,7 @@ modes: "plain" / "mixed" (the second half of the rows text-only): one step, the 
 the full updated state. "variants": load_fsdp_model checked against a plain load, then one step for
 each of VARIANTS (stats, gradients, updated state); the activation-checkpointed run also writes a
 checkpoint (out_path.ckpt) and save_hf's folder (out_path.hf), and its log-probs after the step.
+"lora": lora_step below.
 """
 import os
 import sys
@@ -68,6 +69,29 @@ def step(policy, samples, rank, world):
     return optimizer, {"stats": stats, "grads": grads, "state": full_state(policy), "names": names}
 
 
+LORA = dict(rank=4, alpha=8)  # scale 2
+
+
+def lora_step(policy, samples, processor, out_path, rank, world):
+    """load_fsdp_model(lora=LORA) with activation checkpointing (wrapped names): the state right after
+    the load, one step, then what vLLM and the savers get from the sharded model: merge_lora over
+    rollout.full_weights, the log-probs, save_hf (out_path.hf), save_lora_adapter (out_path.adapter)
+    and a checkpoint (out_path.ckpt)."""
+    import rollout
+
+    loaded = full_state(policy)
+    optimizer, out = step(policy, samples, rank, world)
+    merged = modeling.merge_lora(rollout.full_weights(policy), scale=LORA["alpha"] / LORA["rank"])
+    out["merged"] = {n.replace("_checkpoint_wrapped_module.", ""): w for n, w in merged}
+    out["batch"] = data.collate(samples, 0)
+    with torch.no_grad():
+        out["logp"] = modeling.token_logprobs(policy, out["batch"])
+    modeling.save_hf(policy, processor, out_path + ".hf", rank=rank)
+    modeling.save_lora_adapter(policy, out_path + ".adapter", rank=rank)
+    modeling.save_checkpoint(out_path + ".ckpt", policy, optimizer, {}, rank=rank)
+    return {"loaded": loaded, **out}
+
+
 def main(model_dir, data_dir, out_path, mode="plain"):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -83,7 +107,11 @@ def main(model_dir, data_dir, out_path, mode="plain"):
             s["old_logp"] = lp + 0.3 * torch.randn(lp.shape, generator=g)
             s["ref_logp"] = lp + 0.2 * torch.randn(lp.shape, generator=g)
     torch.manual_seed(0)
-    if mode != "variants":
+    if mode == "lora":
+        torch.manual_seed(rank)  # a different global RNG on each rank: the adapters must not depend on it
+        policy = modeling.load_fsdp_model(model_dir, mesh, rank=rank, lora=LORA, activation_checkpointing=True)
+        out = lora_step(policy, samples, processor, out_path, rank, world)
+    elif mode != "variants":
         _, out = step(modeling.load_fsdp_model(model_dir, mesh, rank=rank), samples, rank, world)
     else:
         batch = data.collate(samples, 0)  # the whole batch on every rank, for log-probs
