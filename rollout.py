@@ -132,7 +132,12 @@ def sync_weights(engine, model):
         engine.wake_up(tags=["weights"])
 
     def weights():
-        for name, tensor in full_weights(model):
+        named = full_weights(model)
+        if getattr(model, "lora", None):  # vLLM gets base + scale * B @ A under the plain HF names
+            import model as modeling
+
+            named = modeling.merge_lora(named, scale=model.lora["alpha"] / model.lora["rank"])
+        for name, tensor in named:
             # Activation checkpointing and torch.compile wrap modules; vLLM knows only the HF names.
             name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
             yield name, tensor.detach().to(dtype)

@@ -106,6 +106,10 @@ class Config:
     freeze_merger: bool = False  # no updates to the vision-language merger
     freeze_llm: bool = False  # no updates to the language model (and lm_head)
     ref_cpu_offload: bool = False  # keep the frozen reference model's shards in host RAM
+    lora_rank: int = 0  # > 0: train LoRA adapters on the language model's linears only (merged into vLLM at each sync)
+    lora_alpha: float = 32.0  # the adapters' scale is lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # linear names to adapt
     global_batch_size: int = 128  # prompts per optimizer step; rollout_batch_size / global_batch_size updates per step
     micro_batch_size: int = 4  # sequences per forward/backward on one rank
     max_steps: int = 60
@@ -250,6 +254,7 @@ def optimizer_step(policy, optimizer, chunk, cfg, *, use_kl, world_size, device,
     """One optimizer step on this rank's share `chunk` of a mini-batch (samples with old_logp,
     sampler_logp, adv and, with use_kl, ref_logp), in micro-batches with gradient accumulation.
     With CHORD (sft_chunk: expert samples), the loss is (1 - mu) * L_rl + mu * L_sft."""
+    policy.train()  # back to eval() in clip_and_step
     counts = all_reduce({"tokens": sum(len(s["response_ids"]) for s in chunk), "seqs": len(chunk),
                          "sft_tokens": sum(len(s["response_ids"]) for s in sft_chunk)})
     # Each rank divides by the GLOBAL counts over world_size: FSDP2 averages gradients over ranks,
@@ -305,6 +310,7 @@ def clip_and_step(policy, optimizer, max_grad_norm):
     if torch.isfinite(grad_norm):  # a non-finite norm would poison Adam's moments (EasyR1 skips the step too)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    policy.eval()
     return grad_norm.item()
 
 
@@ -313,6 +319,7 @@ def mpo_step(policy, optimizer, pairs, cfg, *, delta, world_size, device, pad_id
     micro-batches of micro_batch_size sequences (the pair halves side by side). The pair terms are
     normalised by the global pair count, the SFT term by the global chosen-token count, as
     optimizer_step does. BCO's shift `delta` is held fixed during the step (grpo.bco_delta)."""
+    policy.train()  # back to eval() in clip_and_step
     counts = all_reduce({"pairs": len(pairs), "tokens": sum(len(c["response_ids"]) for c, _ in pairs)})
     n_pairs, n_tokens = counts["pairs"] / world_size, counts["tokens"] / world_size
     weights = tuple(float(w) for w in cfg.mpo_weights.split(","))
@@ -396,9 +403,12 @@ def main(cfg):
         raise SystemExit(f"--master_dtype must be float32 or bfloat16, not {cfg.master_dtype!r}")
     master_dtype = getattr(torch, cfg.master_dtype)
     fsdp = dict(param_dtype=compute_dtype, reduce_dtype=torch.float32, reshard_after_forward=cfg.reshard_after_forward)
+    lora = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed,
+                targets=tuple(cfg.lora_targets.split(","))) if cfg.lora_rank else None
     policy = modeling.load_fsdp_model(model_path, mesh, rank=rank, master_dtype=master_dtype, cpu_offload=cfg.cpu_offload,
                                       activation_checkpointing=cfg.activation_checkpointing, freeze_vision=cfg.freeze_vision,
-                                      freeze_merger=cfg.freeze_merger, freeze_llm=cfg.freeze_llm, **fsdp)
+                                      freeze_merger=cfg.freeze_merger, freeze_llm=cfg.freeze_llm, lora=lora, **fsdp)
+    policy.eval()  # train() only inside the updates: LoRA dropout must not touch old log-probs or sampling
     ref = None
     if cfg.algo == "mpo" or cfg.algo == "grpo" and cfg.kl_coef > 0:  # the KL / MPO anchor; else never built
         ref = modeling.load_fsdp_model(model_path, mesh, rank=rank, cpu_offload=cfg.ref_cpu_offload, **fsdp)
@@ -753,7 +763,9 @@ def main(cfg):
     wall = time.perf_counter() - t_start
     # ---------------------------------------------------------------- save
     if cfg.save_hf:
-        modeling.save_hf(policy, processor, os.path.join(cfg.out_dir, "hf"), rank=rank)
+        modeling.save_hf(policy, processor, os.path.join(cfg.out_dir, "hf"), rank=rank)  # LoRA: merged
+        if cfg.lora_rank:  # and the adapters alone, in PEFT's format
+            modeling.save_lora_adapter(policy, os.path.join(cfg.out_dir, "adapter"), rank=rank)
     if first_val and last_val:
         # The same validation with blank images: if the task needs the figure, this falls to chance.
         blank = validate(cfg.max_steps, blank_images=True) if any(p["images"] for p in val_prompts) else {}

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import train
 
@@ -212,3 +213,23 @@ def test_sft_then_grpo_and_mpo_share_the_sft_term(tmp_path):
     assert mpo[0]["mpo/loss_bco"] == pytest.approx(2 * math.log(2), abs=1e-6)
     assert mpo[0]["mpo/loss_sft"] == pytest.approx(sft_steps[0]["loss/sft"], rel=1e-5)
     assert mpo[1]["mpo/delta"] != 0 and mpo[1]["mpo/loss_dpo"] != pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_lora_run_syncs_merged_weights_and_trains_only_the_adapted_linears(tmp_path):
+    """--lora_rank on 2 ranks: vLLM samples from base + scale * B @ A (the sampler matches the trainer
+    at every step), and the exported model differs from the start only in the adapted projections."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    out, steps, _, _ = run_train(tmp_path, 2, "lora", "--lora_rank=4", "--reward=random", "--lr=1e-2")
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["rollout/logp_diff_max"] < 1e-4 and r["grad_norm"] > 0 for r in steps)
+    trained = AutoModelForImageTextToText.from_pretrained(out / "hf").state_dict()
+    start = AutoModelForImageTextToText.from_pretrained(next((tmp_path / "cache").glob("model-*"))).state_dict()
+    adapted = {n for n in trained if ".language_model.layers." in n and n.endswith(
+        tuple(f"{t}.weight" for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))}
+    assert len(adapted) == 14  # 7 linears x 2 layers
+    for name, w in trained.items():
+        assert torch.equal(w, start[name]) != (name in adapted), name
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert len(adapter) == 28 and all(k.startswith("base_model.model.") for k in adapter)
