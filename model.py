@@ -297,6 +297,33 @@ def mrope_position_ids(input_ids, attention_mask, image_grid_thw, *, image_token
     return pos
 
 
+def vlm_forward(model, batch, position_ids, **kwargs):
+    """model(...) on a padded batch that always runs the vision tower: a batch without images runs it
+    on a dummy 28x28 image whose output is added times 0 to the text embeddings. Under FSDP a rank
+    that skipped the tower would leave the others waiting in its collectives (EasyR1 #468, verl
+    #3491), e.g. with text-only and image rows in one dataset. The hook runs inside the root's
+    forward, where FSDP expects it."""
+    cfg, hook = model.config, None
+    if batch.get("pixel_values") is None:
+        def add_dummy_vision(module, args, kw):
+            vis = cfg.vision_config
+            pixels = torch.zeros(4, vis.in_channels * vis.temporal_patch_size * vis.patch_size ** 2,
+                                 device=batch["input_ids"].device)
+            features = model.model.get_image_features(pixels, torch.tensor([[1, 2, 2]], device=pixels.device))
+            features = getattr(features, "pooler_output", features)  # an output object in transformers 5.x
+            features = torch.cat(features) if isinstance(features, (list, tuple)) else features
+            kw["inputs_embeds"] = kw["inputs_embeds"] + 0.0 * features.sum().to(kw["inputs_embeds"].dtype)
+            return args, kw
+
+        hook = model.model.language_model.register_forward_pre_hook(add_dummy_vision, with_kwargs=True)
+    try:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids,
+                     pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"), **kwargs)
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
 def token_logprobs(model, batch, *, temperature=1.0, banned_ids=(), with_entropy=False):
     """log pi(response token) under `model`, (B, T), 0 where response_mask is 0.
 
@@ -309,30 +336,7 @@ def token_logprobs(model, batch, *, temperature=1.0, banned_ids=(), with_entropy
     position_ids = mrope_position_ids(batch["input_ids"], batch["attention_mask"], batch.get("image_grid_thw"),
                                       image_token_id=cfg.image_token_id,
                                       merge_size=cfg.vision_config.spatial_merge_size)
-    # A micro-batch without images still runs the vision tower, on a dummy 28x28 image whose output
-    # is added times 0 to the text embeddings: under FSDP a rank that skipped the tower would leave
-    # the others waiting in its collectives (EasyR1 #468, verl #3491), e.g. with text-only and image
-    # rows in one dataset. The hook runs inside the root's forward, where FSDP expects it.
-    hook = None
-    if batch.get("pixel_values") is None:
-        def add_dummy_vision(module, args, kwargs):
-            vis = cfg.vision_config
-            pixels = torch.zeros(4, vis.in_channels * vis.temporal_patch_size * vis.patch_size ** 2,
-                                 device=batch["input_ids"].device)
-            features = model.model.get_image_features(pixels, torch.tensor([[1, 2, 2]], device=pixels.device))
-            features = getattr(features, "pooler_output", features)  # an output object in transformers 5.x
-            features = torch.cat(features) if isinstance(features, (list, tuple)) else features
-            kwargs["inputs_embeds"] = kwargs["inputs_embeds"] + 0.0 * features.sum().to(kwargs["inputs_embeds"].dtype)
-            return args, kwargs
-
-        hook = model.model.language_model.register_forward_pre_hook(add_dummy_vision, with_kwargs=True)
-    try:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids,
-                    pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
-                    logits_to_keep=T + 1, use_cache=False)
-    finally:
-        if hook is not None:
-            hook.remove()
+    out = vlm_forward(model, batch, position_ids, logits_to_keep=T + 1, use_cache=False)
     logits = out.logits[:, :-1].float()  # (B, T, V): position P-1+t predicts response token t
     if banned_ids:
         bias = torch.zeros(logits.shape[-1], device=logits.device)

@@ -175,9 +175,10 @@ def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tok
     version-specific inputs to place the image tokens, and fills every unset sampling setting from
     the checkpoint's generation_config, e.g. Qwen2.5-VL-Instruct's top_k 1), and the log-probs are
     exactly the trainer's formula: (logits + bias) / temperature. One generator seeded per call, so
-    samples depend on the batch, unlike vLLM's per-request seeds. Every rank runs the same number of
-    forwards (FSDP's collectives must match): until every rank's rows have stopped. temperature 0 =
-    greedy."""
+    samples depend on the batch, unlike vLLM's per-request seeds. Every rank runs the same forwards
+    (FSDP's collectives must match): as many chunks as the rank with the most (others repeat a
+    chunk and drop its output), the vision tower at every prefill (model.vlm_forward), and decode
+    steps until every rank's rows have stopped. temperature 0 = greedy."""
     import torch.distributed as dist
 
     import data
@@ -194,18 +195,23 @@ def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tok
     encs = [data.encode_prompt(p, processor) for p in prompts]
     rows = [(i, {**e, "response_ids": []}) for i, e in enumerate(encs) for _ in range(n)]
     results = [[] for _ in prompts]
+    synced = dist.is_initialized() and dist.get_world_size() > 1
+    n_chunks = torch.tensor(-(-len(rows) // batch_size), device=device)
+    if synced:
+        dist.all_reduce(n_chunks, op=dist.ReduceOp.MAX)
+    if not rows:  # a rank with no prompts still takes part: one pad token, output dropped
+        rows = [(None, {"prompt_ids": torch.tensor([tok.pad_token_id]), "response_ids": []})]
     with torch.no_grad():
-        for j in range(0, len(rows), batch_size):
-            chunk = rows[j:j + batch_size]
+        for j in range(0, int(n_chunks) * batch_size, batch_size):
+            chunk = rows[j:j + batch_size] or rows[:1]  # past this rank's rows: a repeat, output dropped
+            keep = j < len(rows) and chunk[0][0] is not None
             batch = {k: v.to(device) for k, v in data.collate([s for _, s in chunk], tok.pad_token_id).items()}
             mask, B = batch["attention_mask"], len(chunk)
             pos = modeling.mrope_position_ids(batch["input_ids"], mask, batch.get("image_grid_thw"),
                                               image_token_id=cfg.image_token_id,
                                               merge_size=cfg.vision_config.spatial_merge_size)
             next_pos = pos.amax(dim=(0, 2)) + 1  # (B,): text after the prompt continues on all 3 axes
-            out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=pos,
-                        pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
-                        use_cache=True, logits_to_keep=1)
+            out = modeling.vlm_forward(model, batch, pos, use_cache=True, logits_to_keep=1)
             tokens, logps = [], []
             done = torch.zeros(B, dtype=torch.bool, device=device)
             for t in range(max_tokens):
@@ -221,7 +227,7 @@ def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tok
                 logps.append(logp_all.gather(-1, token[:, None]).squeeze(-1))
                 done |= torch.isin(token, eos)
                 finished = done.all().float()
-                if dist.is_initialized() and dist.get_world_size() > 1:  # stop only when every rank is done
+                if synced:  # stop only when every rank is done
                     dist.all_reduce(finished, op=dist.ReduceOp.MIN)
                 if finished.item() or t == max_tokens - 1:
                     break
@@ -229,7 +235,7 @@ def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tok
                 out = model(input_ids=token[:, None], attention_mask=mask, position_ids=(next_pos + t).expand(3, B)[..., None],
                             past_key_values=out.past_key_values, use_cache=True)
             tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
-            for b, (i, _) in enumerate(chunk):
+            for b, (i, _) in enumerate(chunk if keep else []):
                 stop = next((k + 1 for k, x in enumerate(tokens[b]) if x in eos), len(tokens[b]))  # through the eos
                 results[i].append((tokens[b][:stop], logps[b][:stop]))
     return [{"samples": s, "prompt_token_ids": e["prompt_ids"].tolist()} for s, e in zip(results, encs)]

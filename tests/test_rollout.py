@@ -159,3 +159,26 @@ def test_sync_from_fsdp_units_matches_plain_weights(setup, tiny_dir):
     assert all(hasattr(p, "full_tensor") for p in wrapped.parameters())  # resharded afterwards
     rollout.sync_weights(engine, wrapped)
     assert max(max_logp_diff(processor, plain, engine, prompts, 1.0)) < 1e-4
+
+
+def test_hf_sampler_keeps_fsdp_ranks_in_step_with_uneven_shards(tiny_dir, tmp_path):
+    """2 FSDP ranks: one with 3 chunks of image prompts, one with a single text-only chunk. Both must
+    finish (a mismatch of collectives hangs, and the timeout fails the test) with the trainer's
+    log-probs and the right number of samples per prompt."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "res")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           os.path.join(root, "tests", "hf_sampler_worker.py"), *tiny_dir, out]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = torch.load(out + ".0"), torch.load(out + ".1")
+    assert r0["counts"] == [2, 2, 2] and r1["counts"] == [1]
+    assert r0["diff"] < 1e-4 and r1["diff"] < 1e-4
