@@ -112,6 +112,12 @@ def test_final_model_loads_and_matches_the_trainer(runs):
     start = AutoModelForImageTextToText.from_pretrained(next((out.parent / "cache").glob("model-*")))
     changed = [n for n, p in model.state_dict().items() if not p.equal(start.state_dict()[n])]
     assert len(changed) > 0.9 * len(start.state_dict())  # the saved model is the trained one
+    # vLLM loads the folder with its own loader (not sync_weights) and samples what transformers scores.
+    data_dir = out.parent / "cache" / "data"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "vllm_export_worker.py"), str(out / "hf"),
+                          str(data_dir)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert float(res.stdout.split("max_logp_diff")[-1]) < 1e-4, res.stdout[-500:]
 
 
 @pytest.mark.parametrize("sampler", ["vllm", "hf"])
