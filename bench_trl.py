@@ -85,6 +85,7 @@ import argparse
 import collections
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -360,6 +361,10 @@ def main():
         "completions_per_step": gen_batch, "optimizer_steps_per_step": updates, "micro_batch_size": micro,
         "phases": {p: statistics.median(s[p] for s in timed_steps)  # median seconds per step
                    for p in ("rollout", "reward", "logprobs", "update")},
+        # TRL's cumulative num_tokens (prompt, image tokens included, + completion), differenced per step
+        "tokens_per_step": statistics.median(logs[k]["num_tokens"] - logs[k - 1]["num_tokens"]
+                                             for k in range(max(args.warmup, 1), len(logs))),
+        "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux reports KiB
         "reward_per_step": [round(log["reward"], 4) for log in logs],  # warm-up included, as a sanity check
         "threads": torch.get_num_threads(), "seed": cfg.seed, "wall_s": round(wall, 2),
         "checks": {"prompt_rows_checked": checked, "images_per_step": want_images,
