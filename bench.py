@@ -66,12 +66,7 @@ def summarise_ours(records, model_dir):
 
         with torch.device("meta"):
             model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(model_dir))
-        n_vision = sum(p.numel() for p in model.model.visual.parameters())
-        n_text = sum(p.numel() for p in model.parameters()) - n_vision
-        flops = 6 * n_text * tokens + 6 * n_vision * 4 * med("tokens/image")
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-        row["update_mfu"] = flops / med("time/update") / peak if peak else None
+        row["update_mfu"] = update_mfu(model, tokens, 4 * med("tokens/image"), med("time/update"))
     return row
 
 
@@ -84,13 +79,18 @@ VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, 
               temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
 
 
-def train_flops(model, tokens, patches):
-    """FLOPs of forward + backward: 6 N per token for the N parameters the tokens pass through
-    (the language model: every parameter but the vision tower, the input embedding counted too as
-    the usual approximation, attention's quadratic term left out) and 6 N_vision per vision patch."""
+def update_mfu(model, tokens, patches, seconds):
+    """Model FLOPs utilisation of forward + backward over `seconds`, None off a known GPU. FLOPs: 6 N
+    per token for the N parameters the tokens pass through (the language model: every parameter but
+    the vision tower, the input embedding counted too as the usual approximation, attention's
+    quadratic term left out) and 6 N_vision per vision patch."""
+    import torch
+
     n_vision = sum(p.numel() for p in model.model.visual.parameters())
     n_text = sum(p.numel() for p in model.parameters()) - n_vision
-    return 6 * n_text * tokens + 6 * n_vision * patches
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return (6 * n_text * tokens + 6 * n_vision * patches) / seconds / peak if peak else None
 
 
 def model_bench(args):
@@ -164,12 +164,10 @@ def model_bench(args):
     t_update, t_logp = timed(update), timed(logprobs)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    flops = train_flops(model, tokens, patches)
+    mfu = update_mfu(model, tokens, patches, t_update)
     print(f"| {args.model} ({config.text_config.num_hidden_layers} layers) | {name} | {args.master_dtype} | "
           f"ac={args.activation_checkpointing} offload={args.cpu_offload} | {tokens / t_update:.0f} | "
-          f"{tokens / t_logp:.0f} | " + (f"{flops / t_update / peak_flops:.1%}" if peak_flops else "n/a")
-          + f" | {peak:.1f} GiB |")
+          f"{tokens / t_logp:.0f} | " + (f"{mfu:.1%}" if mfu else "n/a") + f" | {peak:.1f} GiB |")
     dist.destroy_process_group()
 
 

@@ -256,10 +256,14 @@ def merge_lora(named_tensors, *, scale):
     assert not pending, f"LoRA modules missing a tensor: {sorted(pending)}"
 
 
-def hf_state_dict(model, state):
-    """A full state dict of `model` under the plain Qwen2.5-VL names: adapters merged, if it has any."""
+def hf_named(model, named_tensors):
+    """(name, full tensor) pairs of `model` under the plain Qwen2.5-VL names: adapters merged, if it has any."""
     lora = getattr(model, "lora", None)
-    return dict(merge_lora(state.items(), scale=lora["alpha"] / lora["rank"])) if lora else state
+    return merge_lora(named_tensors, scale=lora["alpha"] / lora["rank"]) if lora else named_tensors
+
+
+def hf_state_dict(model, state):
+    return dict(hf_named(model, state.items()))  # a full state dict under the plain names
 
 
 # ----------------------------------------------------------------------------- log-probs

@@ -132,12 +132,9 @@ def sync_weights(engine, model):
         engine.wake_up(tags=["weights"])
 
     def weights():
-        named = full_weights(model)
-        if getattr(model, "lora", None):  # vLLM gets base + scale * B @ A under the plain HF names
-            import model as modeling
+        import model as modeling
 
-            named = modeling.merge_lora(named, scale=model.lora["alpha"] / model.lora["rank"])
-        for name, tensor in named:
+        for name, tensor in modeling.hf_named(model, full_weights(model)):  # LoRA: base + scale * B @ A
             # Activation checkpointing and torch.compile wrap modules; vLLM knows only the HF names.
             name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
             yield name, tensor.detach().to(dtype)

@@ -591,6 +591,11 @@ def main(cfg):
     sft_rows = data.load_rows(specs["sft"]) if cfg.sft_data else None
     sft_rng = random.Random(cfg.seed + rank)
 
+    def with_response(prompt, text):
+        """A trainer sample whose response is a given text (SFT data, preference pairs), not a rollout."""
+        return {**data.encode_prompt(prompt, processor),
+                "response_ids": tokenizer.encode(text) + [tokenizer.eos_token_id]}
+
     def sft_samples(n):
         """n expert samples (prompt + its `response` field) for the CHORD SFT term."""
         out = []
@@ -598,8 +603,7 @@ def main(cfg):
             row = sft_rows[i]
             p = data.build_prompt(row, i, processor, format_prompt=format_prompt, min_pixels=cfg.min_pixels,
                                   max_pixels=cfg.max_pixels, source=cfg.sft_data)
-            out.append({**data.encode_prompt(p, processor),
-                        "response_ids": tokenizer.encode(row["response"]) + [tokenizer.eos_token_id]})
+            out.append(with_response(p, row["response"]))
         return out
 
     mpo_state = {"delta": 0.0, "batches": 0}  # BCO's running shift and how many steps are in it
@@ -609,20 +613,16 @@ def main(cfg):
         comes from the data, not the sampler. Returns the step's metrics, reduced over ranks."""
         t0 = time.perf_counter()
         rows = next_prompts()[0][tp_rank::tp]
-
-        def sample(p, text):
-            return {**data.encode_prompt(p, processor), "response_ids": tokenizer.encode(text) + [tokenizer.eos_token_id]}
-
         per_update, updates = len(rows) // updates_per_step, []
         for u in range(updates_per_step):
             chunk = rows[u * per_update:(u + 1) * per_update]
             if cfg.algo == "sft":  # CHORD's SFT term alone: mu = 1, no phi weighting
                 stats = optimizer_step(policy, optimizer, [], dataclasses.replace(cfg, chord_phi=False), use_kl=False,
                                        world_size=world_size, device=device, pad_id=tokenizer.pad_token_id,
-                                       banned_ids=banned, sft_chunk=[sample(p, p["response"]) for p in chunk], mu=1.0)
+                                       banned_ids=banned, sft_chunk=[with_response(p, p["response"]) for p in chunk], mu=1.0)
                 updates.append({k: stats[k] for k in ("loss/sft", "grad_norm")})
                 continue
-            pairs = [(sample(p, p["chosen"]), sample(p, p["rejected"])) for p in chunk]
+            pairs = [(with_response(p, p["chosen"]), with_response(p, p["rejected"])) for p in chunk]
             flat = [s for pair in pairs for s in pair]
             for s, r_ in zip(flat, logprobs(ref, flat)):
                 s["ref_logp"] = r_
