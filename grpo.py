@@ -1,32 +1,29 @@
-"""
-GRPO math: advantages, ratios, clipped surrogate, KL, aggregation, SFT mixing; MPO. Pure torch.
+"""GRPO math: advantages, ratios, clipped surrogate, KL, aggregation, SFT mixing; MPO. Pure torch.
 
-The objective, in words. For each prompt we sample a group of G responses (G consecutive rows of
-the batch) and score them. A response's advantage is its reward relative to its group: minus the
-group mean, divided by the group std (GRPO, DeepSeekMath arXiv 2402.03300), or only minus the
-mean (Dr.GRPO, arXiv 2503.20783). Every response token then gets the PPO clipped surrogate:
-the ratio r between the current and the sampling-time policy is clipped to [1 - eps_low,
-1 + eps_high] with a wider upper bound ("clip-higher", DAPO arXiv 2503.14476), and for negative
-advantages the loss is capped at |A| c ("dual clip"). GSPO (arXiv 2507.18071) replaces the
-per-token ratio with the sequence's geometric-mean ratio. A k3 estimate of KL(pi || pi_ref) is
-added to the loss, and all per-token terms are averaged over the valid tokens of the batch.
-CHORD (arXiv 2508.11408) optionally mixes in an SFT loss on expert data: (1 - mu) L_rl + mu L_sft.
-MPO (arXiv 2411.10442) learns offline from (chosen, rejected) pairs: 0.8 DPO + 0.2 BCO + 1.0 SFT, on
-each response's logratio = sum_t (logp_t - ref_logp_t) over its valid tokens = log pi(y|x) - log pi_ref(y|x).
+The objective, in words. For each prompt we sample a group of G responses (G consecutive rows of the batch)
+and score them. A response's advantage is its reward minus the group mean, divided by the group std (GRPO,
+DeepSeekMath arXiv 2402.03300) or not (Dr.GRPO, arXiv 2503.20783). Every response token then gets the PPO
+clipped surrogate: the ratio r between the current and the sampling-time policy is clipped to [1 - eps_low,
+1 + eps_high], the upper bound wider ("clip-higher", DAPO arXiv 2503.14476), and for negative advantages the
+loss is capped at |A| c ("dual clip"). GSPO (arXiv 2507.18071) replaces the per-token ratio with the
+sequence's geometric-mean ratio. A k3 estimate of KL(pi || pi_ref) is added to the loss, and all per-token
+terms are averaged over the valid tokens of the batch. CHORD (arXiv 2508.11408) optionally mixes in an SFT
+loss on expert data: (1 - mu) L_rl + mu L_sft. MPO (arXiv 2411.10442) learns offline from (chosen, rejected)
+pairs: 0.8 DPO + 0.2 BCO + 1.0 SFT, on each response's
+logratio = sum_t (logp_t - ref_logp_t) over its valid tokens = log pi(y|x) - log pi_ref(y|x).
 
-Defaults are EasyR1's example config, our seed: eps_low 0.2, eps_high 0.3, dual clip c = 3,
-token-mean aggregation, k3 KL in the loss with coefficient 1e-2 (the coefficient is the caller's).
+Defaults are EasyR1's example config, our seed: eps_low 0.2, eps_high 0.3, dual clip c = 3, token-mean
+aggregation, k3 KL in the loss with coefficient 1e-2 (the coefficient is the caller's).
 
-Conventions: rewards are (B,) with groups contiguous; per-token tensors are (B, T) with `mask`
-(bool or 0/1 float, 1 = valid response token). In every function that takes a mask, values under
-mask == 0, even inf or nan, reach neither a result nor a gradient: we mask with torch.where,
-because 0 * nan is nan.
+Conventions: rewards are (B,) with groups contiguous; per-token tensors are (B, T) with `mask` (bool or 0/1
+float, 1 = valid response token). In every function that takes a mask, values under mask == 0, even inf or
+nan, reach neither a result nor a gradient: we mask with torch.where, because 0 * nan is nan.
 
-Simplifications: one scalar advantage per response, broadcast to its tokens; no value model,
-GAE, REINFORCE++ or ReMax (a group baseline is all GRPO needs); no CISPO/SAPO/GMPO losses; KL
-in the reward is train.py's business (it subtracts kl_coef * sum_t k(old, ref) from each
-sequence's reward before the advantages); no entropy bonus (token_entropy is for logging). No
-collectives here: for micro-batches and ranks, aggregate() takes the global counts instead.
+Simplifications: one scalar advantage per response, broadcast to its tokens; no value model, GAE, REINFORCE++
+or ReMax (a group baseline is all GRPO needs); no CISPO/SAPO/GMPO losses; no entropy bonus (token_entropy is
+for logging). KL in the reward is train.py's business (it subtracts kl_coef * sum_t k(old, ref) from each
+sequence's reward before the advantages). No collectives here: for micro-batches and ranks, aggregate() takes
+the global counts instead.
 """
 import math
 
@@ -43,14 +40,13 @@ def _groups(rewards, group_size):
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"rewards must be (B,) with B divisible by group_size {group_size}, "
                          f"got shape {tuple(rewards.shape)}")
-    r = rewards if rewards.is_floating_point() else rewards.float()
-    return r.view(-1, group_size)
+    return (rewards if rewards.is_floating_point() else rewards.float()).view(-1, group_size)
 
 
 def _zero_equal_groups(adv, r):
-    # In float32 the mean of 8 copies of 0.1 is not exactly 0.1, so "R - mean" is ~7e-9 and
-    # dividing by an equally tiny std turns it into a same-sign advantage of about -0.007 for
-    # the whole group (all-wrong but well-formatted answers, overall = 0.1). Force those to 0.
+    # In float32 the mean of 8 copies of 0.1 is not exactly 0.1, so "R - mean" is ~7e-9 and dividing by an
+    # equally tiny std turns it into a same-sign advantage of about -0.007 for the whole group (all-wrong but
+    # well-formatted answers, overall = 0.1). Force those to 0.
     equal = (r == r[:, :1]).all(dim=1, keepdim=True)  # (B/G, 1)
     return torch.where(equal, torch.zeros_like(adv), adv)
 
@@ -58,9 +54,8 @@ def _zero_equal_groups(adv, r):
 def group_advantages(rewards, group_size, *, std_norm=True, eps=1e-6):
     """GRPO advantage (R - group mean) / (group std + eps); std_norm=False is Dr.GRPO. (B,) -> (B,).
 
-    The std is Bessel-corrected (torch.std's default), as in EasyR1, verl and TRL. A group whose
-    rewards are all equal gets exactly 0: it carries no signal, and must not get a tiny fake one.
-    """
+    The std is Bessel-corrected (torch.std's default), as in EasyR1, verl and TRL. A group whose rewards are
+    all equal gets exactly 0: it carries no signal, and must not get a tiny fake one."""
     r = _groups(rewards, group_size)  # (B/G, G)
     adv = r - r.mean(dim=1, keepdim=True)
     if std_norm:
@@ -79,20 +74,18 @@ def _masked_mean(x, valid):
     return torch.where(valid, x, 0.0).sum() / valid.sum().clamp(min=1)
 
 
-def policy_loss(logp, old_logp, adv, mask, *, ratio_level="token", clip_eps_low=0.2,
-                clip_eps_high=0.3, dual_clip=3.0):
+def policy_loss(logp, old_logp, adv, mask, *, ratio_level="token", clip_eps_low=0.2, clip_eps_high=0.3, dual_clip=3.0):
     """Clipped surrogate per token, to minimise. Returns (loss (B, T), metrics), loss 0 under mask.
 
-    logp, old_logp: (B, T) log-probs of the sampled tokens under the current and the rollout-time
-    policy; adv: (B,) or (B, T). ratio_level picks the importance ratio:
+    logp, old_logp: (B, T) log-probs of the sampled tokens under the current and the rollout-time policy;
+    adv: (B,) or (B, T). ratio_level picks the importance ratio:
       "token"          r_t = exp(logp_t - old_logp_t)                            (PPO / GRPO)
       "sequence"       s_i = exp(mean_t (logp_t - old_logp_t)) on every token of sequence i,
                        the gradient flowing through the mean                     (GSPO)
       "sequence_token" value s_i, gradient s_i * grad logp_t                     (GSPO-token)
-    loss = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), and where A < 0 it is further capped
-    at -A c (dual clip, c = dual_clip > 1; None turns it off) so that a huge ratio on a bad token
-    cannot produce an unbounded loss.
-    """
+    loss = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), and where A < 0 it is further capped at -A c
+    (dual clip, c = dual_clip > 1; None turns it off) so that a huge ratio on a bad token cannot produce an
+    unbounded loss."""
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
     valid = mask.bool()
@@ -100,23 +93,17 @@ def policy_loss(logp, old_logp, adv, mask, *, ratio_level="token", clip_eps_low=
     logp = torch.where(valid, logp, zero)  # garbage under the mask stops here, values and grads
     old_logp = torch.where(valid, old_logp.detach(), zero)
     adv = adv.detach().to(logp.dtype)
-    adv = adv[:, None].expand_as(logp) if adv.dim() == 1 else adv
-    adv = torch.where(valid, adv, zero)
+    adv = torch.where(valid, adv[:, None] if adv.dim() == 1 else adv, zero)  # (B, T)
 
     log_ratio = logp - old_logp  # (B, T), 0 under the mask
-    if ratio_level == "token":
-        log_ratio = log_ratio.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
-    elif ratio_level in ("sequence", "sequence_token"):
-        n_tok = valid.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1)
-        log_s = (log_ratio.sum(dim=-1, keepdim=True) / n_tok).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
-        if ratio_level == "sequence":
-            log_ratio = log_s.expand_as(logp)  # (B, T), every token carries d(log s_i)
-        else:
-            # Same value as log s_i, but token t's gradient is that of logp_t alone.
-            log_ratio = log_s.detach() + logp - logp.detach()
-    else:
+    if ratio_level in ("sequence", "sequence_token"):  # log s_i, (B, 1)
+        log_ratio = log_ratio.sum(dim=-1, keepdim=True) / valid.sum(dim=-1, keepdim=True).clamp(min=1)
+    elif ratio_level != "token":
         raise ValueError(f"unknown ratio_level {ratio_level!r}")
-    ratio = torch.exp(log_ratio)  # (B, T)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
+    if ratio_level == "sequence_token":  # same value as log s_i, but token t's gradient is that of logp_t alone
+        log_ratio = log_ratio.detach() + logp - logp.detach()
+    ratio = torch.exp(log_ratio.expand_as(logp))  # (B, T); "sequence": every token carries d(log s_i)
 
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
@@ -142,8 +129,7 @@ def policy_loss(logp, old_logp, adv, mask, *, ratio_level="token", clip_eps_low=
         "clip_frac_high": share(is_clipped & (r > 1.0 + clip_eps_high)),
         "dual_clip_frac": share(is_dual),
         "ratio_mean": _masked_mean(r, valid),
-        # +inf / -inf if no token is valid (an all-padding micro-batch).
-        "ratio_min": torch.where(valid, r, math.inf).amin(),
+        "ratio_min": torch.where(valid, r, math.inf).amin(),  # +inf / -inf if no token is valid (all padding)
         "ratio_max": torch.where(valid, r, -math.inf).amax(),
     }
     return loss, metrics
@@ -155,9 +141,8 @@ def kl_penalty(logp, ref_logp, kind="k3"):
     With d = logp - ref_logp: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (unbiased, >= 0, and of lower
     variance than k1), abs = |d|. k3 clamps d inside the exp to +-20 as EasyR1/verl do, so exp cannot
     overflow. Unlike them we do not clamp k3 itself to [-10, 10]: that would zero its gradient exactly
-    where the policy has drifted farthest below the reference (d < -2.6).
-    The mask is the caller's (aggregate); pass finite values under it if you need finite grads.
-    """
+    where the policy has drifted farthest below the reference (d < -2.6). The mask is the caller's
+    (aggregate); pass finite values under it if you need finite grads."""
     d = logp - ref_logp
     if kind == "k1":
         return d
@@ -177,21 +162,18 @@ def aggregate(x, mask, mode="token_mean", *, num_tokens=None, num_seqs=None, max
       "seq_mean_token_mean"     sum_i (token mean of sequence i) / num_seqs     (original GRPO)
       "seq_mean_token_sum"      sum(x m) / num_seqs
       "seq_mean_token_sum_norm" sum(x m) / (num_seqs * max_len)         (Dr.GRPO: no length bias)
-    num_tokens, num_seqs and max_len default to this batch's own (sum m, B, T). With gradient
-    accumulation over micro-batches and ranks, pass the counts of the WHOLE batch and sum the
-    results: the gradient is then exactly the one-big-batch gradient. With local counts a short
-    micro-batch's tokens would weigh more than a long one's. Empty sequences contribute 0.
-    """
+    num_tokens, num_seqs and max_len default to this batch's own (sum m, B, T). With gradient accumulation
+    over micro-batches and ranks, pass the counts of the WHOLE batch and sum the results: the gradient is then
+    exactly the one-big-batch gradient (with local counts a short micro-batch's tokens would weigh more than a
+    long one's). Empty sequences contribute 0."""
     valid = mask.bool()
     x = torch.where(valid, x, torch.zeros_like(x))  # (B, T)
     B, T = x.shape
     n_seqs = B if num_seqs is None else num_seqs
     if mode == "token_mean":
-        n_tok = valid.sum().clamp(min=1) if num_tokens is None else num_tokens
-        return x.sum() / n_tok
-    if mode == "seq_mean_token_mean":
-        per_seq = x.sum(dim=-1) / valid.sum(dim=-1).clamp(min=1)  # (B,)
-        return per_seq.sum() / n_seqs
+        return x.sum() / (valid.sum().clamp(min=1) if num_tokens is None else num_tokens)
+    if mode == "seq_mean_token_mean":  # the (B,) per-sequence token means, summed
+        return (x.sum(dim=-1) / valid.sum(dim=-1).clamp(min=1)).sum() / n_seqs
     if mode == "seq_mean_token_sum":
         return x.sum() / n_seqs
     if mode == "seq_mean_token_sum_norm":
@@ -202,10 +184,9 @@ def aggregate(x, mask, mode="token_mean", *, num_tokens=None, num_seqs=None, max
 def filter_groups(scores, group_size, low=0.01, high=0.99):
     """DAPO dynamic sampling: keep the groups whose mean score is strictly inside (low, high). (B / G,) bool.
 
-    Groups that are all right or all wrong have zero advantage and only dilute the batch. Filter
-    on accuracy, never on a score that includes the format bonus: EasyR1 filters on "overall",
-    so an all-wrong but well-formatted group (mean 0.1) passes although it carries no signal.
-    """
+    Groups that are all right or all wrong have zero advantage and only dilute the batch. Filter on accuracy,
+    never on a score that includes the format bonus: EasyR1 filters on "overall", so an all-wrong but
+    well-formatted group (mean 0.1) passes although it carries no signal."""
     mean = _groups(scores, group_size).mean(dim=1)  # (B/G,)
     return (mean > low) & (mean < high)
 
@@ -213,14 +194,12 @@ def filter_groups(scores, group_size, low=0.01, high=0.99):
 def mismatch_weights(old_logp, sampler_logp, mask, *, level="token", mode="truncate", cap=3.0):
     """Importance weights for the sampler/trainer mismatch. Returns (weights (B, T), metrics).
 
-    vLLM's sampling log-probs differ from the trainer's even with identical weights (kernels,
-    precision), so the rollout is slightly off-policy; TRL corrects by default
-    (vllm_importance_sampling_correction). rho = pi_old / pi_sampler, per token ("token") or the
-    product over the sequence's valid tokens broadcast to them ("sequence"). mode "truncate":
-    min(rho, cap). mode "mask": rho where rho <= cap, else 0. Like TRL's code (its sequence_mask
-    and token_mask), the mask is one-sided: rho < 1 only shrinks a weight, it cannot blow up the
-    variance, so we keep it. Multiply the per-token loss by the weights; 0 under the mask.
-    """
+    vLLM's sampling log-probs differ from the trainer's even with identical weights (kernels, precision), so
+    the rollout is slightly off-policy; TRL corrects by default (vllm_importance_sampling_correction).
+    rho = pi_old / pi_sampler, per token ("token") or the product over the sequence's valid tokens broadcast
+    to them ("sequence"). mode "truncate": min(rho, cap). mode "mask": rho where rho <= cap, else 0. Like
+    TRL's code (its sequence_mask and token_mask), the mask is one-sided: rho < 1 only shrinks a weight, it
+    cannot blow up the variance, so we keep it. Multiply the per-token loss by the weights; 0 under the mask."""
     valid = mask.bool()
     d = torch.where(valid, (old_logp - sampler_logp).detach(), 0.0)  # (B, T)
     if level == "sequence":
@@ -244,13 +223,12 @@ def mismatch_weights(old_logp, sampler_logp, mask, *, level="token", mode="trunc
 
 
 def chord_mu(step, *, mu_peak, mu_valley, warmup_steps, decay_steps):
-    """CHORD's SFT weight mu at a step: linear 0 -> mu_peak over warmup_steps, then a half-cosine
-    from mu_peak down to mu_valley over decay_steps, then mu_valley for good.
+    """CHORD's SFT weight mu at a step: linear 0 -> mu_peak over warmup_steps, then a half-cosine from mu_peak
+    down to mu_valley over decay_steps, then mu_valley for good.
 
-    The shape follows ms-swift's mu_schedule_function (swift/trainers/rlhf_trainer/utils.py), as
-    in the CHORD paper's CHORD-mu: imitation of the expert data dominates early, then RL takes
-    over. mu_peak == mu_valley with warmup_steps = 0 gives a constant mu.
-    """
+    The shape follows ms-swift's mu_schedule_function (swift/trainers/rlhf_trainer/utils.py), as in the CHORD
+    paper's CHORD-mu: imitation of the expert data dominates early, then RL takes over. mu_peak == mu_valley
+    with warmup_steps = 0 gives a constant mu."""
     if step < warmup_steps:
         return step / warmup_steps * mu_peak
     if step >= warmup_steps + decay_steps:
@@ -262,11 +240,10 @@ def chord_mu(step, *, mu_peak, mu_valley, warmup_steps, decay_steps):
 def sft_loss(logp, mask, *, phi=False):
     """Per-token SFT loss -logp on expert tokens, 0 under the mask. (B, T).
 
-    phi=True is CHORD-phi: weight each token by p (1 - p), p = exp(logp), so tokens the model
-    already knows (p ~ 1) and tokens it finds implausible (p ~ 0) both weigh little, and the
-    expert data nudges rather than overwrites the policy. We treat phi as a weight (detached);
-    ms-swift's code lets the gradient flow through phi as well.
-    """
+    phi=True is CHORD-phi: weight each token by p (1 - p), p = exp(logp), so tokens the model already knows
+    (p ~ 1) and tokens it finds implausible (p ~ 0) both weigh little, and the expert data nudges rather than
+    overwrites the policy. We treat phi as a weight (detached); ms-swift's code lets the gradient flow through
+    phi as well."""
     logp = torch.where(mask.bool(), logp, torch.zeros_like(logp))  # so the loss is 0 there too
     loss = -logp
     if phi:
@@ -278,16 +255,13 @@ def sft_loss(logp, mask, *, phi=False):
 def token_entropy(logits):
     """Entropy of softmax(logits) over the vocabulary: (B, T, V) -> (B, T), in nats.
 
-    log_softmax, not log(softmax), so large logits cannot overflow and tiny probabilities keep
-    their logs. A -inf logit (a banned token) has p = 0 and contributes 0, not 0 * -inf = nan.
-    """
-    # bf16 logits are upcast: entropy sums V terms and bf16 has 8 bits of mantissa.
+    log_softmax, not log(softmax), so large logits cannot overflow and tiny probabilities keep their logs. A
+    -inf logit (a banned token) has p = 0 and contributes 0, not 0 * -inf = nan. bf16 logits are upcast:
+    entropy sums V terms and bf16 has 8 bits of mantissa."""
     logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     p = logp.exp()
     logp = torch.where(p > 0, logp, torch.zeros_like(logp))
     return -(p * logp).sum(dim=-1)
-
-
 
 
 def dpo_loss(chosen_logratio, rejected_logratio, beta=0.1):

@@ -47,9 +47,8 @@ def _normalize(response):
 def has_boxed_format(text):
     """re.fullmatch(r"<think>.*</think>.*\\\\boxed\\{.*\\}.*", text, re.DOTALL), in linear time.
 
-    That regex backtracks cubically: 90k chars of "</think>\\boxed{" repeated took 6 minutes.
-    Taking the earliest occurrence of each piece leaves the most room for the next, so this
-    decides the same match."""
+    That regex backtracks cubically: 90k chars of "</think>\\boxed{" repeated took 6 minutes. Taking the earliest
+    occurrence of each piece leaves the most room for the next, so this decides the same match."""
     i = text.find("</think>", len("<think>")) if text.startswith("<think>") else -1
     j = text.find("\\boxed{", i + len("</think>")) if i >= 0 else -1
     return j >= 0 and text.find("}", j + len("\\boxed{")) >= 0
@@ -69,11 +68,10 @@ def extract_boxed(text):
 def grade(answer, ground_truth, *, box=True):
     """1.0 if math-verify finds `answer` equal to `ground_truth`, else 0.0 (None answer: 0.0).
 
-    math-verify reads gold like a prediction, from LaTeX, so a bare ground truth ("3",
-    "\\frac{1}{2}", "2\\sqrt{3}", "60^\\circ") is boxed first; so is the answer, which came out of a
-    box, unless box=False (free text, "The answer is $3$"). Units and degrees are dropped
-    ("5 cm" == 5, "60^\\circ" == 60), 0.5 == \\frac{1}{2}, and floats are rounded to 6 digits.
-    """
+    math-verify reads gold like a prediction, from LaTeX, so a bare ground truth ("3", "\\frac{1}{2}", "2\\sqrt{3}",
+    "60^\\circ") is boxed first; so is the answer, which came out of a box, unless box=False (free text, "The
+    answer is $3$"). Units and degrees are dropped ("5 cm" == 5, "60^\\circ" == 60), 0.5 == \\frac{1}{2}, and floats
+    are rounded to 6 digits."""
     gt = str(ground_truth).strip()
     if answer is None or not gt:
         return 0.0
@@ -114,9 +112,8 @@ def _answer_block(text):
 
 
 def r1v_score(inputs, format_weight=0.5):
-    """R1-V: format = fullmatch `<think>.*?</think>\\s*<answer>.*?</answer>` (DOTALL); accuracy
-    grades the free text of the last <answer> block (none: 0). A gold "<answer> 3 </answer>", as
-    in R1-V's data, is unwrapped."""
+    """R1-V: format = fullmatch `<think>.*?</think>\\s*<answer>.*?</answer>` (DOTALL); accuracy grades the free
+    text of the last <answer> block (none: 0). A gold "<answer> 3 </answer>", as in R1-V's data, is unwrapped."""
     scores = []
     for x in inputs:
         response = _normalize(x["response"])
@@ -134,11 +131,10 @@ def r1v_score(inputs, format_weight=0.5):
 def choice_score(inputs, format_weight=0.1):
     """Multiple choice; Geometry3K rows have `choices` (4 option strings, letters A-D). Format as "math".
 
-    The rule: gold letter G = as_letter(ground_truth); gold value V = option G if G is a letter
-    (none if the row has no option G), else the ground truth itself. A boxed letter P (see
-    as_letter) is right if P == G, or if option P grades equal to V (gold "6" with choices
-    ["3", "6", ...] accepts "B"). Any other boxed answer is right if it grades equal to V (gold
-    "B" accepts "6"); with no V, it is wrong."""
+    The rule: gold letter G = as_letter(ground_truth); gold value V = option G if G is a letter (none if the
+    row has no option G), else the ground truth itself. A boxed letter P (see as_letter) is right if P == G, or
+    if option P grades equal to V (gold "6" with choices ["3", "6", ...] accepts "B"). Any other boxed answer is
+    right if it grades equal to V (gold "B" accepts "6"); with no V, it is wrong."""
     scores = []
     for x in inputs:
         response = _normalize(x["response"])
@@ -150,7 +146,8 @@ def choice_score(inputs, format_weight=0.1):
         if letter is None:
             acc = grade(answer, gold_value) if gold_value is not None else 0.0
         else:
-            acc = float(letter == gold_letter or (letter in options and gold_value is not None and grade(options[letter], gold_value) == 1.0))
+            acc = float(letter == gold_letter
+                        or (letter in options and gold_value is not None and grade(options[letter], gold_value) == 1.0))
         fmt = float(has_boxed_format(response))
         scores.append({"overall": (1 - format_weight) * acc + format_weight * fmt, "format": fmt, "accuracy": acc})
     return scores
@@ -159,11 +156,11 @@ def choice_score(inputs, format_weight=0.1):
 def random_score(inputs, seed=2):
     """Debug reward: overall = accuracy = a fair coin, format as in "math".
 
-    Each coin is seeded by (seed, response, ground_truth) rather than by position, so a sample
-    scores the same whatever batch, chunk or retry score_batch puts it in."""
+    Each coin is seeded by (seed, response, ground_truth) rather than by position, so a sample scores the same
+    whatever batch, chunk or retry score_batch puts it in (a str seed goes through sha512: stable across processes)."""
     scores = []
     for x in inputs:
-        rng = random.Random(f"{seed}\0{x['response']}\0{x['ground_truth']}")  # str seeds go through sha512: stable across processes
+        rng = random.Random(f"{seed}\0{x['response']}\0{x['ground_truth']}")
         acc = float(rng.random() < 0.5)
         scores.append({"overall": acc, "format": float(has_boxed_format(_normalize(x["response"]))), "accuracy": acc})
     return scores
@@ -213,33 +210,31 @@ def _fn_name(fn):
 # -----------------------------------------------------------------------------
 # scoring a batch safely
 
-# Idle workers, kept warm between calls: a new one costs ~1 s of CPU (0.5 s of imports, then cold
-# sympy/antlr caches), more than grading 256 responses on 2 CPUs. They exit at EOF on stdin, that
-# is when the trainer exits.
+# Idle workers, kept warm between calls: a new one costs ~1 s of CPU (0.5 s of imports, then cold sympy/antlr
+# caches), more than grading 256 responses on 2 CPUs. They exit at EOF on stdin, that is when the trainer exits.
 _IDLE = []
 
 
 def score_batch(reward_fn, inputs, *, timeout_s=10.0, num_workers=None):
     """Score `inputs` with `reward_fn` in worker processes -> (scores, stats).
 
-    The batch goes out in chunks, about 4 per worker (num_workers defaults to min(8, CPUs)). A
-    chunk whose call raises, dies or runs past timeout_s (timed from when its worker picks it up)
-    is re-run one sample at a time, a hung worker being killed; a sample that still fails alone
-    scores 0 in every key, is logged once per distinct error, and counts in stats["reward/failed"]
-    (raised or died) or stats["reward/timed_out"]. stats holds only these counts, which add up over
-    ranks. Scores of the wrong length or without a numeric "overall" are a bug in the reward,
-    not a bad sample: ValueError.
+    The batch goes out in chunks, about 4 per worker (num_workers defaults to min(8, CPUs)). A chunk whose call
+    raises, dies or runs past timeout_s (timed from when its worker picks it up) is re-run one sample at a time,
+    a hung worker being killed; a sample that still fails alone scores 0 in every key, is logged once per
+    distinct error, and counts in stats["reward/failed"] (raised or died) or stats["reward/timed_out"]. stats
+    holds only these counts, which add up over ranks. Scores of the wrong length or without a numeric "overall"
+    are a bug in the reward, not a bad sample: ValueError.
 
-    Processes, not threads: math-verify is pure Python, so threads share one core under the GIL
-    (256 Geometry3K-like responses on 2 CPUs: serial 0.90 s, 2 threads 0.97 s, 2 warm workers
-    0.48 s), and a thread stuck in sympy (verifying \\boxed{9^{9^{9^9}}} never ends) can't be stopped.
-    subprocess, not multiprocessing: its spawn and forkserver children re-run the parent's
-    __main__ script, here train.py."""
+    Processes, not threads: math-verify is pure Python, so threads share one core under the GIL (256
+    Geometry3K-like responses on 2 CPUs: serial 0.90 s, 2 threads 0.97 s, 2 warm workers 0.48 s), and a thread
+    stuck in sympy (verifying \\boxed{9^{9^{9^9}}} never ends) can't be stopped. subprocess, not
+    multiprocessing: its spawn and forkserver children re-run the parent's __main__ script, here train.py."""
     name = _fn_name(reward_fn)
     try:
         pickle.dumps(reward_fn)
     except Exception as e:
-        raise TypeError(f"{name} runs in worker processes, so it must pickle: use a module-level function or load_reward()") from e
+        raise TypeError(f"{name} runs in worker processes, so it must pickle: "
+                        "use a module-level function or load_reward()") from e
     n, num_workers = len(inputs), num_workers or min(8, os.cpu_count() or 1)
     size = max(1, math.ceil(n / (4 * num_workers)))
     todo = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
@@ -256,7 +251,8 @@ def score_batch(reward_fn, inputs, *, timeout_s=10.0, num_workers=None):
                     proc.stdin.write(f.name.encode() + b"\n")
                     proc.stdin.flush()
                     # A new worker gets 60 s to start Python and import; the clock restarts at its "R".
-                    running.append({"idx": idx, "proc": proc, "out": b"", "deadline": time.monotonic() + 60 + timeout_s})
+                    deadline = time.monotonic() + 60 + timeout_s
+                    running.append({"idx": idx, "proc": proc, "out": b"", "deadline": deadline})
                 readable = select.select([job["proc"].stdout for job in running], [], [], 0.05)[0]
                 for job in list(running):
                     if job["proc"].stdout in readable:
@@ -267,7 +263,8 @@ def score_batch(reward_fn, inputs, *, timeout_s=10.0, num_workers=None):
                         done = len(out) >= 9 and len(out) >= 9 + int.from_bytes(out[1:9], "little")
                         if data and not done:
                             continue
-                        outcome = pickle.loads(out[9:]) if done else ("error", f"worker exited with code {_stop(job['proc'])}")
+                        outcome = (pickle.loads(out[9:]) if done
+                                   else ("error", f"worker exited with code {_stop(job['proc'])}"))
                     elif time.monotonic() > job["deadline"]:
                         outcome = ("timeout", _stop(job["proc"]))
                     else:
