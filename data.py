@@ -319,13 +319,16 @@ def encode_prompt(prompt, processor):
 
 
 # ----------------------------------------------------------------------------- batching
-def collate(samples, pad_id):
+def collate(samples, pad_id, share_prompts=False):
     """Samples (dicts with prompt_ids, response_ids, optional pixel_values/image_grid_thw and the
     per-token floats sampler_logp/old_logp/ref_logp) -> one batch.
 
     Layout (EasyR1/verl): prompts LEFT-padded to P, responses RIGHT-padded to T, so every response
     starts at column P and logits[:, P-1:P+T-1] predict it. Returns input_ids/attention_mask (B, P+T),
     response_ids/response_mask (B, T), pixel_values/image_grid_thw concatenated in row order.
+    share_prompts: consecutive rows with the same prompt and pixels (a GRPO group) keep one copy:
+    input_ids/attention_mask are then (U, P), the U distinct prompts alone, pixel_values theirs, and
+    prompt_index (B,) names each row's prompt (model.token_logprobs runs each prompt once).
     """
     P = max(len(s["prompt_ids"]) for s in samples)
     T = max(len(s["response_ids"]) for s in samples)
@@ -340,9 +343,18 @@ def collate(samples, pad_id):
         response_mask[i, :len(r)] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "response_ids": input_ids[:, P:],
              "response_mask": response_mask}
-    if any("pixel_values" in s for s in samples):
-        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples if "pixel_values" in s])
-        batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in samples if "image_grid_thw" in s])
+    first = range(B)  # the rows whose prompt (and pixels) the batch holds
+    if share_prompts:
+        same = lambda a, b: torch.equal(a["prompt_ids"], b["prompt_ids"]) and (  # noqa: E731
+            a.get("pixel_values") is b.get("pixel_values") or "pixel_values" in a and "pixel_values" in b
+            and torch.equal(a["pixel_values"], b["pixel_values"]))
+        first = [i for i in range(B) if i == 0 or not same(samples[i - 1], samples[i])]
+        batch["prompt_index"] = torch.tensor([i in first for i in range(B)]).cumsum(0) - 1
+        batch["input_ids"], batch["attention_mask"] = input_ids[first, :P], attention_mask[first, :P]
+    with_pixels = [samples[i] for i in first if "pixel_values" in samples[i]]
+    if with_pixels:
+        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_pixels])
+        batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_pixels])
     for key in ("sampler_logp", "old_logp", "ref_logp"):  # per-token values, right-padded like responses
         if key in samples[0]:
             batch[key] = torch.zeros((B, T))

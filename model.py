@@ -7,7 +7,7 @@
 - `apply_lora` (hand-written LoRA on the language model), `merge_lora` back to plain HF weights for
   vLLM and exports, `save_lora_adapter` in PEFT's format.
 - `token_logprobs` runs the forward with explicit 3-D mRoPE positions and returns log p(token) for
-  the response tokens only.
+  the response tokens only; a group's shared prompt runs once (`shared_prompt_logits`).
 - Checkpoints: sharded save/load (DCP); `export_checkpoint` (`python model.py export`) to an HF folder.
 """
 import json
@@ -328,6 +328,36 @@ def vlm_forward(model, batch, position_ids, **kwargs):
             hook.remove()
 
 
+def shared_prompt_logits(model, batch, position_ids):
+    """The (B, T, V) logits predicting each response token when rows share prompts: each distinct prompt
+    (and image) runs once, its keys/values are copied to its responses, which run on top of them. G
+    responses cost one prompt forward, not G (Prefix Grouper's shared prefix, arXiv 2506.05433); the
+    gradient reaches the prompt through the copies. Each cache is left as the forward found it, so a
+    layer recomputed by activation checkpointing sees the same keys again."""
+    from transformers import DynamicCache
+
+    idx, ids, mask = batch["prompt_index"], batch["response_ids"], batch["response_mask"]
+    prompt_cache = DynamicCache()
+    out = vlm_forward(model, batch, position_ids, past_key_values=prompt_cache, use_cache=True, logits_to_keep=1)
+    first = out.logits[idx]  # (B, 1, V): the last prompt position predicts response token 0
+    if ids.shape[1] == 1:
+        return first
+    prefix = [(layer.keys[idx], layer.values[idx]) for layer in prompt_cache.layers]
+    for layer in prompt_cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(prefix):
+        cache.update(k, v, i)
+    start = position_ids.amax(dim=(0, 2))[idx] + 1  # text after the prompt continues on all 3 axes
+    pos = (start[:, None] + torch.arange(ids.shape[1] - 1, device=ids.device)).expand(3, -1, -1)
+    attention_mask = torch.cat([batch["attention_mask"][idx], mask[:, :-1].to(batch["attention_mask"].dtype)], 1)
+    rest = model(input_ids=ids[:, :-1], attention_mask=attention_mask, position_ids=pos, past_key_values=cache,
+                 use_cache=True).logits  # (B, T-1, V): response token t predicts t+1
+    for layer, (k, v) in zip(cache.layers, prefix):
+        layer.keys, layer.values = k, v
+    return torch.cat([first, rest], 1)
+
+
 def token_logprobs(model, batch, *, temperature=1.0, banned_ids=(), with_entropy=False):
     """log pi(response token) under `model`, (B, T), 0 where response_mask is 0.
 
@@ -340,8 +370,11 @@ def token_logprobs(model, batch, *, temperature=1.0, banned_ids=(), with_entropy
     position_ids = mrope_position_ids(batch["input_ids"], batch["attention_mask"], batch.get("image_grid_thw"),
                                       image_token_id=cfg.image_token_id,
                                       merge_size=cfg.vision_config.spatial_merge_size)
-    out = vlm_forward(model, batch, position_ids, logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, :-1].float()  # (B, T, V): position P-1+t predicts response token t
+    if "prompt_index" in batch:  # data.collate(share_prompts=True)
+        logits = shared_prompt_logits(model, batch, position_ids).float()
+    else:
+        out = vlm_forward(model, batch, position_ids, logits_to_keep=T + 1, use_cache=False)
+        logits = out.logits[:, :-1].float()  # (B, T, V): position P-1+t predicts response token t
     if banned_ids:
         bias = torch.zeros(logits.shape[-1], device=logits.device)
         bias[list(banned_ids)] = -100.0

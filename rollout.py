@@ -172,7 +172,8 @@ def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tok
     version-specific inputs to place the image tokens, and fills every unset sampling setting from
     the checkpoint's generation_config, e.g. Qwen2.5-VL-Instruct's top_k 1), and the log-probs are
     exactly the trainer's formula: (logits + bias) / temperature. One generator seeded per call, so
-    samples depend on the batch, unlike vLLM's per-request seeds. Every rank runs the same forwards
+    samples depend on the batch, unlike vLLM's per-request seeds. A chunk is batch_size // n prompts:
+    each is prefilled once and its KV cache copied to its n rows. Every rank runs the same forwards
     (FSDP's collectives must match): as many chunks as the rank with the most (others repeat a
     chunk and drop its output), the vision tower at every prefill (model.vlm_forward), and decode
     steps until every rank's rows have stopped. temperature 0 = greedy."""
@@ -190,32 +191,38 @@ def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tok
                        device=device)
     gen = torch.Generator(device).manual_seed(seed)
     encs = [data.encode_prompt(p, processor) for p in prompts]
-    rows = [(i, {**e, "response_ids": []}) for i, e in enumerate(encs) for _ in range(n)]
+    per_chunk = max(1, batch_size // n)  # prompts per chunk; each is prefilled once for its n rows
     results = [[] for _ in prompts]
     synced = dist.is_initialized() and dist.get_world_size() > 1
-    n_chunks = torch.tensor(-(-len(rows) // batch_size), device=device)
+    n_chunks = torch.tensor(-(-len(encs) // per_chunk), device=device)
     if synced:
         dist.all_reduce(n_chunks, op=dist.ReduceOp.MAX)
-    if not rows:  # a rank with no prompts still takes part: one pad token, output dropped
-        rows = [(None, {"prompt_ids": torch.tensor([tok.pad_token_id]), "response_ids": []})]
+    filler = encs[:1] or [{"prompt_ids": torch.tensor([tok.pad_token_id])}]  # a rank with no prompts takes part too
     with torch.no_grad():
-        for j in range(0, int(n_chunks) * batch_size, batch_size):
-            chunk = rows[j:j + batch_size] or rows[:1]  # past this rank's rows: a repeat, output dropped
-            keep = j < len(rows) and chunk[0][0] is not None
-            batch = {k: v.to(device) for k, v in data.collate([s for _, s in chunk], tok.pad_token_id).items()}
-            mask, B = batch["attention_mask"], len(chunk)
-            pos = modeling.mrope_position_ids(batch["input_ids"], mask, batch.get("image_grid_thw"),
+        for j in range(0, int(n_chunks) * per_chunk, per_chunk):
+            chunk = encs[j:j + per_chunk]  # past this rank's prompts: a repeat, output dropped
+            keep, chunk = bool(chunk), chunk or filler
+            batch = {k: v.to(device) for k, v in data.collate([{**e, "response_ids": []} for e in chunk],
+                                                               tok.pad_token_id).items()}
+            pos = modeling.mrope_position_ids(batch["input_ids"], batch["attention_mask"], batch.get("image_grid_thw"),
                                               image_token_id=cfg.image_token_id,
                                               merge_size=cfg.vision_config.spatial_merge_size)
-            next_pos = pos.amax(dim=(0, 2)) + 1  # (B,): text after the prompt continues on all 3 axes
             out = modeling.vlm_forward(model, batch, pos, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values  # copied to the prompt's n rows (model.shared_prompt_logits does the same)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.repeat_interleave(n, 0), layer.values.repeat_interleave(n, 0)
+            mask = batch["attention_mask"].repeat_interleave(n, 0)
+            next_pos = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(n)  # (B,): text after the prompt, all 3 axes
+            last, B = out.logits[:, -1].repeat_interleave(n, 0), len(chunk) * n
             tokens, logps = [], []
             done = torch.zeros(B, dtype=torch.bool, device=device)
             for t in range(max_tokens):
-                logits = (out.logits[:, -1].float() + bias) / (temperature or 1.0)
+                logits = (last.float() + bias) / (temperature or 1.0)
                 logp_all = torch.log_softmax(logits, dim=-1)
                 if temperature == 0:
                     token = logits.argmax(-1)
+                elif top_p >= 1.0:
+                    token = torch.multinomial(logp_all.exp(), 1, generator=gen).squeeze(-1)
                 else:  # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
                     probs, order = logp_all.exp().sort(-1, descending=True)
                     probs[probs.cumsum(-1) - probs > top_p] = 0
@@ -229,10 +236,10 @@ def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tok
                 if finished.item() or t == max_tokens - 1:
                     break
                 mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-                out = model(input_ids=token[:, None], attention_mask=mask, position_ids=(next_pos + t).expand(3, B)[..., None],
-                            past_key_values=out.past_key_values, use_cache=True)
-            tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
-            for b, (i, _) in enumerate(chunk if keep else []):
-                stop = next((k + 1 for k, x in enumerate(tokens[b]) if x in eos), len(tokens[b]))  # through the eos
-                results[i].append((tokens[b][:stop], logps[b][:stop]))
+                last = model(input_ids=token[:, None], attention_mask=mask, position_ids=(next_pos + t).expand(3, B)[..., None],
+                             past_key_values=cache, use_cache=True).logits[:, -1]
+            tokens, logps, eos_ids = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist(), set(eos.tolist())
+            for b in range(B if keep else 0):
+                stop = next((k + 1 for k, x in enumerate(tokens[b]) if x in eos_ids), len(tokens[b]))  # through the eos
+                results[j + b // n].append((tokens[b][:stop], logps[b][:stop]))
     return [{"samples": s, "prompt_token_ids": e["prompt_ids"].tolist()} for s, e in zip(results, encs)]

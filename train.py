@@ -64,6 +64,7 @@ class Config:
     vllm_kv_cache_mb: int = 0  # explicit KV cache size in MiB (0 = use vllm_gpu_memory_utilization); set on CPU
     vllm_enforce_eager: bool = False  # True disables CUDA graphs
     vllm_tp: int = 1  # tensor parallel size: groups of vllm_tp consecutive ranks share one engine's prompts
+    hf_batch_size: int = 0  # --sampler=hf: sequences decoded together (0 = micro_batch_size)
     vllm_sleep_level: int = 1  # CUDA: free vLLM's memory between rollouts (1 = weights to host RAM, 2 = dropped; 0 = off)
     # --- algorithm ---
     algo: str = "grpo"  # grpo | sft (train_data: rows with a response) | mpo (train_data: chosen/rejected pairs)
@@ -112,6 +113,7 @@ class Config:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # linear names to adapt
     global_batch_size: int = 128  # prompts per optimizer step; rollout_batch_size / global_batch_size updates per step
     micro_batch_size: int = 4  # sequences per forward/backward on one rank
+    share_prompts: bool = True  # a micro-batch runs each group's prompt once, its responses on the prompt's KV cache
     max_steps: int = 60
     seed: int = 1
     # --- validation and output ---
@@ -132,8 +134,8 @@ class Config:
 # "tiny" or the training data is the synthetic task (e.g. GRPO from an SFT stage's tiny model), and
 # only to the flags the user did not set; the dataclass keeps the seed's GPU recipe.
 TINY = dict(lr=1e-3, weight_decay=0.0, min_pixels=56 * 56, max_pixels=112 * 112, max_prompt_length=512,
-            rollout_batch_size=32, global_batch_size=16, micro_batch_size=40, max_response_length=24,
-            max_steps=120, val_freq=20, vllm_kv_cache_mb=64, vllm_enforce_eager=True)
+            rollout_batch_size=32, global_batch_size=16, micro_batch_size=40, hf_batch_size=160,
+            max_response_length=24, max_steps=120, val_freq=20, vllm_kv_cache_mb=64, vllm_enforce_eager=True)
 
 
 def parse_flags(argv):
@@ -242,11 +244,12 @@ def all_reduce(values, op=dist.ReduceOp.SUM):
     return dict(zip(keys, t.tolist()))
 
 
-def micro_batches(samples, size, pad_id, device):
+def micro_batches(samples, size, pad_id, device, share_prompts=False):
     """(samples, padded batch on device) for consecutive slices of `size` samples."""
     for j in range(0, len(samples), size):
         micro = samples[j:j + size]
-        yield micro, {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.collate(micro, pad_id).items()}
+        batch = data.collate(micro, pad_id, share_prompts=share_prompts)
+        yield micro, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def optimizer_step(policy, optimizer, chunk, cfg, *, use_kl, world_size, device, pad_id, banned_ids,
@@ -264,7 +267,7 @@ def optimizer_step(policy, optimizer, chunk, cfg, *, use_kl, world_size, device,
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "kl": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "ratio_max": 0.0}
 
     def batches(samples):
-        for micro, mb in micro_batches(samples, cfg.micro_batch_size, pad_id, device):
+        for micro, mb in micro_batches(samples, cfg.micro_batch_size, pad_id, device, cfg.share_prompts):
             yield micro, mb, modeling.token_logprobs(policy, mb, temperature=cfg.temperature, banned_ids=banned_ids)
 
     for micro, mb, logp in batches(chunk):
@@ -415,8 +418,9 @@ def main(cfg):
         ref.requires_grad_(False)
     # Before any forward: after one, FSDP2's root stays gathered and parameters() would hand the
     # optimizer the gathered copies, which it would then update in vain.
+    # foreach: CUDA's default; on CPU the per-tensor loop took 9.5 ms a step on the tiny model, this 2.7.
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, foreach=True)
     format_prompt = cfg.format_prompt
     if format_prompt == "none":
         format_prompt = None
@@ -462,7 +466,8 @@ def main(cfg):
             return rollout.sync_weights(engine, policy)
     elif cfg.sampler == "hf":
         def sample(prompts, **kw):
-            return rollout.generate_hf(policy, processor, prompts, batch_size=cfg.micro_batch_size, **kw)
+            batch_size = cfg.hf_batch_size or cfg.micro_batch_size
+            return rollout.generate_hf(policy, processor, prompts, batch_size=batch_size, **kw)
 
         def sync():  # the sampler is the policy itself
             return 0.0
@@ -500,7 +505,7 @@ def main(cfg):
         """Per-sample log-prob lists under `model`, computed in micro-batches without gradients."""
         out, ent = [], []
         with torch.no_grad():
-            for _, mb in micro_batches(samples, cfg.micro_batch_size, tokenizer.pad_token_id, device):
+            for _, mb in micro_batches(samples, cfg.micro_batch_size, tokenizer.pad_token_id, device, cfg.share_prompts):
                 res = modeling.token_logprobs(model, mb, temperature=cfg.temperature, banned_ids=banned,
                                               with_entropy=with_entropy)
                 lp, e = res if with_entropy else (res, None)

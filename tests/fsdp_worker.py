@@ -1,8 +1,8 @@
 """Run under torchrun: optimizer_steps of train.py on a fixed global batch, FSDP2 over the world; the
 global batch is split across ranks. Rank 0 writes what the tests compare.
 
-modes: "plain" / "mixed" (the second half of the rows text-only): one step, the loss metrics and
-the full updated state. "variants": load_fsdp_model checked against a plain load, then one step for
+modes: "plain" / "unshared" (full rows, no shared prompt forward) / "mixed" (the second half of the
+rows text-only): one step, the loss metrics and the full updated state. "variants": load_fsdp_model checked against a plain load, then one step for
 each of VARIANTS (stats, gradients, updated state); the activation-checkpointed run also writes a
 checkpoint (out_path.ckpt) and save_hf's folder (out_path.hf), and its log-probs after the step.
 "lora": lora_step below.
@@ -35,13 +35,15 @@ def make_samples(processor, data_dir, mixed):
     rows = data.load_rows(f"{data_dir}@train")
     g = torch.Generator().manual_seed(0)
     n_plain = len(processor.tokenizer) - len(modeling.SPECIAL_TOKENS)
-    samples = []  # the same 8 samples on every rank, responses of different lengths
+    samples = []  # the same 8 samples on every rank: 4 prompts x 2 responses of different lengths
     for i in range(8):
-        prompt = data.build_prompt(rows[i], i, processor, min_pixels=56 * 56, max_pixels=112 * 112)
-        if mixed and i >= 4:  # the second half text-only: on 2 ranks, rank 1 sees no image at all
-            prompt = data.build_prompt({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}, i, processor)
+        if i % 2 == 0:  # a group's rows share the prompt, as rollouts do (collate's share_prompts)
+            prompt = data.build_prompt(rows[i], i, processor, min_pixels=56 * 56, max_pixels=112 * 112)
+            if mixed and i >= 4:  # the second half text-only: on 2 ranks, rank 1 sees no image at all
+                prompt = data.build_prompt({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}, i, processor)
+            enc = data.encode_prompt(prompt, processor)
         length = 2 + (5 * i) % 11
-        samples.append({**data.encode_prompt(prompt, processor), "adv": float(torch.randn(1, generator=g)),
+        samples.append({**enc, "adv": float(torch.randn(1, generator=g)),
                         "response_ids": torch.randint(0, n_plain, (length,), generator=g).tolist()})
     return samples, g
 
@@ -50,8 +52,9 @@ def full_state(policy):
     return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def step(policy, samples, rank, world):
-    """One optimizer_step on this rank's share; returns (optimizer, stats, gradients, updated state)."""
+def step(policy, samples, rank, world, share_prompts=True):
+    """One optimizer_step on this rank's share; returns (optimizer, stats, gradients, updated state).
+    Micro-batches of 2 rows are one group each: with share_prompts its prompt runs once."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.01)
     grads = {}
 
@@ -60,7 +63,8 @@ def step(policy, samples, rank, world):
                       for n, p in policy.named_parameters() if p.grad is not None})
 
     optimizer.register_step_pre_hook(keep_grads)
-    cfg = train.Config(micro_batch_size=2, max_response_length=12, clip_eps_low=0.2, clip_eps_high=0.3)
+    cfg = train.Config(micro_batch_size=2, max_response_length=12, clip_eps_low=0.2, clip_eps_high=0.3,
+                       share_prompts=share_prompts)
     share = len(samples) // world
     stats = train.optimizer_step(policy, optimizer, samples[rank * share:(rank + 1) * share], cfg, use_kl=True,
                                  world_size=world, device=torch.device("cpu"), pad_id=0, banned_ids=[])
@@ -111,8 +115,8 @@ def main(model_dir, data_dir, out_path, mode="plain"):
         torch.manual_seed(rank)  # a different global RNG on each rank: the adapters must not depend on it
         policy = modeling.load_fsdp_model(model_dir, mesh, rank=rank, lora=LORA, activation_checkpointing=True)
         out = lora_step(policy, samples, processor, out_path, rank, world)
-    elif mode != "variants":
-        _, out = step(modeling.load_fsdp_model(model_dir, mesh, rank=rank), samples, rank, world)
+    elif mode != "variants":  # "unshared": full rows, the reference for the shared-prompt forwards
+        _, out = step(modeling.load_fsdp_model(model_dir, mesh, rank=rank), samples, rank, world, mode != "unshared")
     else:
         batch = data.collate(samples, 0)  # the whole batch on every rank, for log-probs
         policy = modeling.load_fsdp_model(model_dir, mesh, rank=rank)

@@ -82,6 +82,25 @@ def test_collate_left_pads_prompts_right_pads_responses():
     assert b["sampler_logp"].tolist() == [[-0.5, 0, 0], [-1.0, -2.0, -3.0]]
 
 
+def test_collate_share_prompts_keeps_one_copy_per_run_of_equal_prompts():
+    """Consecutive rows with equal ids and pixels share one prompt row; equal ids with other pixels,
+    or the same prompt again after another one, do not."""
+    px = lambda v: {"pixel_values": torch.full((4, 3), v), "image_grid_thw": torch.tensor([[1, 2, 2]])}  # noqa: E731
+    a, b = {"prompt_ids": torch.tensor([5, 6, 7]), **px(1.0)}, {"prompt_ids": torch.tensor([5, 6, 7]), **px(2.0)}
+    c = {"prompt_ids": torch.tensor([8])}
+    rows = [a, a, b, c, c, a]
+    samples = [{**p, "response_ids": list(range(1, 2 + i % 3))} for i, p in enumerate(rows)]
+    full, shared = data.collate(samples, pad_id=0), data.collate(samples, pad_id=0, share_prompts=True)
+    assert shared["prompt_index"].tolist() == [0, 0, 1, 2, 2, 3]
+    assert shared["input_ids"].tolist() == [[5, 6, 7], [5, 6, 7], [0, 0, 8], [5, 6, 7]]
+    assert shared["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 1], [1, 1, 1]]
+    assert shared["pixel_values"][:, 0].tolist() == [1.0] * 4 + [2.0] * 4 + [1.0] * 4  # a, b, a: 3 of 4 images
+    assert shared["image_grid_thw"].shape == (3, 3)
+    for key in ("response_ids", "response_mask"):
+        assert torch.equal(shared[key], full[key])
+    assert "prompt_index" not in full and full["pixel_values"].shape[0] == 16
+
+
 # ----------------------------------------------------------------------------- load_prompts: formats and bad rows
 def png(size=(56, 56), color=(200, 0, 0)):
     buf = io.BytesIO()

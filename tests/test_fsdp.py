@@ -43,16 +43,20 @@ def initial_state(model_dir):
 
 
 def test_two_ranks_take_the_same_step_as_one(tiny_dir, tmp_path, variants):
+    """...and the shared-prompt forwards (2 ranks) the same step as the full rows (1 rank)."""
     model_dir, data_dir = tiny_dir
-    one = run_worker(1, model_dir, data_dir, str(tmp_path / "one.pt"))
-    two = variants[1]["base"]  # the same step on 2 ranks
+    one = run_worker(1, model_dir, data_dir, str(tmp_path / "one.pt"), "unshared")
+    two = variants[1]["base"]  # the same step on 2 ranks, each group's prompt run once
     for key in ("loss/policy", "loss/kl", "grad_norm"):
         assert abs(one["stats"][key] - two["stats"][key]) < 1e-5, (key, one["stats"][key], two["stats"][key])
     assert one["stats"]["grad_norm"] > 0 and one["stats"]["clip_frac"] > 0  # a real step with clipping in it
     before = initial_state(model_dir)
     moved = 0
     for name, w in one["state"].items():
-        assert torch.allclose(w, two["state"][name], atol=1e-5, rtol=0), name
+        assert torch.allclose(one["grads"][name], two["grads"][name], atol=1e-7, rtol=0), name
+        # Adam's first step is about lr * sign(grad): an element whose gradient is ~0 moves by up to
+        # lr = 1e-3 either way on rounding alone (a few of 660k here), so the weights get a looser bound.
+        assert torch.allclose(w, two["state"][name], atol=1e-4, rtol=0), name
         moved += int(not torch.allclose(w, before[name]))
     assert moved == len(before)  # every parameter was updated, so the comparison covers them all
 

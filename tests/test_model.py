@@ -86,3 +86,29 @@ def test_token_logprobs_match_unpadded_full_forward(tiny_dir):
             ref = ref.gather(-1, torch.tensor(s["response_ids"])[:, None])[:, 0]
             assert torch.allclose(logp[i, :R], ref, atol=1e-5), i
             assert torch.all(logp[i, R:] == 0)
+
+
+def test_shared_prompts_give_the_full_rows_log_probs_and_gradients(tiny_dir):
+    """collate(share_prompts=True) + token_logprobs (each prompt once, its responses on its KV cache)
+    == the full left-padded rows: log-probs and gradients, image prompts of two sizes and a text
+    prompt in groups of 3 responses of different lengths; and with every response one token long."""
+    processor, prompts = make_batch(tiny_dir)
+    g = torch.Generator().manual_seed(1)
+    n_plain = len(processor.tokenizer) - len(modeling.SPECIAL_TOKENS)
+    policy = modeling.load_model(tiny_dir[0])
+    for lengths in ((1, 6, 3), (1, 1, 1)):
+        samples = [{**p, "response_ids": torch.randint(0, n_plain, (n,), generator=g).tolist()}
+                   for p in prompts for n in lengths]
+        results = []
+        for share in (False, True):
+            batch = data.collate(samples, processor.tokenizer.pad_token_id, share_prompts=share)
+            policy.zero_grad()
+            logp = modeling.token_logprobs(policy, batch, temperature=0.8, banned_ids=[3])
+            (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()  # every token, its own weight
+            results.append((logp.detach(), {n: p.grad.clone() for n, p in policy.named_parameters()}))
+        (full, full_grads), (shared, shared_grads) = results
+        assert batch["input_ids"].shape[0] == len(prompts)  # one row per prompt
+        assert torch.allclose(shared, full, atol=1e-5, rtol=0) and torch.all(shared[batch["response_mask"] == 0] == 0)
+        for name, grad in full_grads.items():
+            assert torch.allclose(shared_grads[name], grad, atol=1e-6, rtol=1e-4), name
+        assert sum(grad.abs().sum() for name, grad in full_grads.items() if "visual" in name) > 0

@@ -95,19 +95,19 @@ def test_sampler_never_emits_banned_tokens(setup):
 
 
 def test_hf_sampler_logprobs_match_trainer(parts):
-    """generate_hf: a text and an image prompt left-padded into shared chunks (5 rows of 8), two
-    temperatures; the returned log-probs must be the trainer's full-forward ones."""
+    """generate_hf: a text and an image prompt left-padded into one prefill, each copied to its 4
+    rows, two temperatures; the returned log-probs must be the trainer's full-forward ones."""
     processor, policy, prompts = parts
     banned = rollout.banned_token_ids(processor.tokenizer)
     for temperature in (1.0, 0.7):
         results = rollout.generate_hf(policy, processor, prompts, n=4, temperature=temperature, max_tokens=16,
-                                      seed=0, banned_ids=banned, batch_size=5)
+                                      seed=0, banned_ids=banned, batch_size=8)
         assert [r["prompt_token_ids"] for r in results] == [
             data.encode_prompt(p, processor)["prompt_ids"].tolist() for p in prompts]
         assert all(len(r["samples"]) == 4 and len({tuple(ids) for ids, _ in r["samples"]}) == 4 for r in results)
         assert max(max_logp_diff(processor, policy, None, prompts, temperature, results)) < 1e-4
     again = rollout.generate_hf(policy, processor, prompts, n=4, temperature=0.7, max_tokens=16, seed=0,
-                                banned_ids=banned, batch_size=5)
+                                banned_ids=banned, batch_size=8)
     assert again == results  # seeded
 
 
