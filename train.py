@@ -254,8 +254,9 @@ def micro_batches(samples, size, pad_id, device, share_prompts=False):
 
 def optimizer_step(policy, optimizer, chunk, cfg, *, use_kl, world_size, device, pad_id, banned_ids,
                    sft_chunk=(), mu=0.0):
-    """One optimizer step on this rank's share `chunk` of a mini-batch (samples with old_logp,
-    sampler_logp, adv and, with use_kl, ref_logp), in micro-batches with gradient accumulation.
+    """One optimizer step on this rank's share `chunk` of a mini-batch (samples with sampler_logp, adv,
+    with use_kl ref_logp, and old_logp unless on-policy: then this forward's own, detached, is kept
+    with its entropy in each sample), in micro-batches with gradient accumulation.
     With CHORD (sft_chunk: expert samples), the loss is (1 - mu) * L_rl + mu * L_sft."""
     policy.train()  # back to eval() in clip_and_step
     counts = all_reduce({"tokens": sum(len(s["response_ids"]) for s in chunk), "seqs": len(chunk),
@@ -266,9 +267,18 @@ def optimizer_step(policy, optimizer, chunk, cfg, *, use_kl, world_size, device,
                max_len=cfg.max_response_length)
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "kl": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "ratio_max": 0.0}
 
-    def batches(samples):
+    def batches(samples, rl=True):
         for micro, mb in micro_batches(samples, cfg.micro_batch_size, pad_id, device, cfg.share_prompts):
-            yield micro, mb, modeling.token_logprobs(policy, mb, temperature=cfg.temperature, banned_ids=banned_ids)
+            fresh = rl and "old_logp" not in mb  # on-policy: the old policy is this one (see main)
+            res = modeling.token_logprobs(policy, mb, temperature=cfg.temperature, banned_ids=banned_ids,
+                                          with_entropy=fresh)
+            logp = res[0] if fresh else res
+            if fresh:
+                mb["old_logp"] = logp.detach()
+                for i, s in enumerate(micro):
+                    n = len(s["response_ids"])
+                    s["old_logp"], s["entropy"] = logp[i, :n].detach().float().cpu(), res[1][i, :n].float().cpu()
+            yield micro, mb, logp
 
     for micro, mb, logp in batches(chunk):
         mask = mb["response_mask"]
@@ -297,7 +307,7 @@ def optimizer_step(policy, optimizer, chunk, cfg, *, use_kl, world_size, device,
         stats["ratio_max"] = max(stats["ratio_max"], m["ratio_max"].item())
     if sft_chunk:
         stats["loss/sft"], stats["chord/mu"] = 0.0, mu
-        for _, mb, logp in batches(list(sft_chunk)):
+        for _, mb, logp in batches(list(sft_chunk), rl=False):
             sft = grpo.aggregate(grpo.sft_loss(logp, mb["response_mask"], phi=cfg.chord_phi), mb["response_mask"],
                                  num_tokens=counts["sft_tokens"] / world_size)
             (mu * sft).backward()
@@ -416,19 +426,14 @@ def main(cfg):
     if cfg.algo == "mpo" or cfg.algo == "grpo" and cfg.kl_coef > 0:  # the KL / MPO anchor; else never built
         ref = modeling.load_fsdp_model(model_path, mesh, rank=rank, cpu_offload=cfg.ref_cpu_offload, **fsdp)
         ref.requires_grad_(False)
-    # Before any forward: after one, FSDP2's root stays gathered and parameters() would hand the
-    # optimizer the gathered copies, which it would then update in vain.
-    # foreach: CUDA's default; on CPU the per-tensor loop took 9.5 ms a step on the tiny model, this 2.7.
+    # Before any forward: after one, FSDP2's root stays gathered and parameters() would hand the optimizer
+    # the gathered copies, which it would update in vain. foreach: CUDA's default; on CPU 2.7 vs 9.5 ms a step.
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, foreach=True)
-    format_prompt = cfg.format_prompt
-    if format_prompt == "none":
-        format_prompt = None
-    elif format_prompt:
-        with open(format_prompt) as f:
+    format_prompt = None if cfg.format_prompt == "none" else data.MATH_FORMAT_PROMPT
+    if cfg.format_prompt not in ("none", ""):
+        with open(cfg.format_prompt) as f:
             format_prompt = f.read()
-    else:
-        format_prompt = data.MATH_FORMAT_PROMPT
 
     def load_prompts(spec, kind="prompt"):
         prompts, summary = data.load_prompts(spec, processor, format_prompt=format_prompt, min_pixels=cfg.min_pixels,
@@ -699,13 +704,14 @@ def main(cfg):
             rollout.sleep(engine, cfg.vllm_sleep_level)
         # ---------------------------------------------------------------- old / ref log-probs
         t = time.perf_counter()
-        old, entropy = logprobs(policy, samples, with_entropy=True)
-        refs = logprobs(ref, samples) if ref is not None else [None] * len(samples)
-        for s, o, r_ in zip(samples, old, refs):
-            s["old_logp"] = o
-            if r_ is not None:
-                s["ref_logp"] = r_
-        diffs = torch.cat([(s["old_logp"] - s["sampler_logp"]).abs() for s in samples])
+        per_update = len(samples) // updates_per_step  # this rank's sequences per optimizer step
+        # The first optimizer step is on-policy: its old log-probs are its own forward's, detached (TRL and
+        # verl skip this forward when on-policy too), so only later steps' samples need it here.
+        fresh = 0 if cfg.kl_in_reward else per_update  # the KL-in-reward needs every old log-prob now
+        for s, o, e in zip(samples[fresh:], *logprobs(policy, samples[fresh:], with_entropy=True)):
+            s["old_logp"], s["entropy"] = o, e
+        for s, r_ in zip(samples, logprobs(ref, samples) if ref is not None else []):
+            s["ref_logp"] = r_
         timing["time/logprobs"] = time.perf_counter() - t
         # ---------------------------------------------------------------- advantages
         if cfg.kl_in_reward:  # the KL penalty as a cost in the reward (old vs ref), not a loss term
@@ -719,7 +725,6 @@ def main(cfg):
             s["adv"] = a
         # ---------------------------------------------------------------- update
         t = time.perf_counter()
-        per_update = len(samples) // updates_per_step  # this rank's sequences per optimizer step
         mu = grpo.chord_mu(step, mu_peak=cfg.chord_mu_peak, mu_valley=cfg.chord_mu_valley,
                            warmup_steps=cfg.chord_warmup_steps, decay_steps=cfg.chord_decay_steps) if sft_rows else 0.0
         updates = [optimizer_step(policy, optimizer, samples[u * per_update:(u + 1) * per_update], cfg,
@@ -735,10 +740,11 @@ def main(cfg):
         # ---------------------------------------------------------------- log
         timing["time/step"] = time.perf_counter() - t0
         groups = rewards.view(-1, G)
+        diffs = torch.cat([(s["old_logp"] - s["sampler_logp"]).abs() for s in samples])
         local = {"adv/mean": adv.mean().item(), "adv/std": adv.std().item(),
                  "adv/abs_mean": adv.abs().mean().item(), "adv/zero_std_groups": (groups.std(1) == 0).float().mean().item(),
                  "response/length": sum(len(s["response_ids"]) for s in samples) / len(samples),
-                 "response/entropy": torch.cat(entropy).mean().item(),
+                 "response/entropy": torch.cat([s["entropy"] for s in samples]).mean().item(),
                  "rollout/logp_diff_mean": diffs.mean().item(),
                  **{k: v for k, v in stats.items() if k != "ratio_max"},
                  "rollout/rounds": rounds, **reward_stats, **timing, "memory/peak_gb": peak_memory_gb()}

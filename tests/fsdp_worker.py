@@ -52,7 +52,7 @@ def full_state(policy):
     return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def step(policy, samples, rank, world, share_prompts=True):
+def step(policy, samples, rank, world, share_prompts=True, chunk=None):
     """One optimizer_step on this rank's share; returns (optimizer, stats, gradients, updated state).
     Micro-batches of 2 rows are one group each: with share_prompts its prompt runs once."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.01)
@@ -66,7 +66,8 @@ def step(policy, samples, rank, world, share_prompts=True):
     cfg = train.Config(micro_batch_size=2, max_response_length=12, clip_eps_low=0.2, clip_eps_high=0.3,
                        share_prompts=share_prompts)
     share = len(samples) // world
-    stats = train.optimizer_step(policy, optimizer, samples[rank * share:(rank + 1) * share], cfg, use_kl=True,
+    chunk = samples[rank * share:(rank + 1) * share] if chunk is None else chunk  # this rank's rows
+    stats = train.optimizer_step(policy, optimizer, chunk, cfg, use_kl=True,
                                  world_size=world, device=torch.device("cpu"), pad_id=0, banned_ids=[])
     stats = {k: v / world for k, v in train.all_reduce(stats).items()}  # what train.py logs
     names = [n for n, _ in policy.named_parameters()]
@@ -137,6 +138,22 @@ def main(model_dir, data_dir, out_path, mode="plain"):
                 modeling.save_hf(policy, processor, out_path + ".hf", rank=rank)
                 with torch.no_grad():
                     out[name]["logp"] = modeling.token_logprobs(policy, batch)
+        # On-policy: samples without old_logp take their own forward's, detached (train.main skips that
+        # forward for the first optimizer step); the reference computes it in train.py's no-grad pass.
+        share = len(samples) // world
+        mine = [{k: v for k, v in s.items() if k != "old_logp"} for s in samples[rank * share:(rank + 1) * share]]
+        for name, fresh in (("on_policy_ref", False), ("on_policy", True)):
+            todo = [dict(s) for s in mine]
+            if not fresh:  # on a model of its own (after a no-grad forward the root stays gathered, see below)
+                with torch.no_grad():
+                    old = modeling.load_fsdp_model(model_dir, mesh, rank=rank)
+                    for micro, mb in train.micro_batches(todo, 2, 0, torch.device("cpu"), share_prompts=True):
+                        for s, lp in zip(micro, modeling.token_logprobs(old, mb)):
+                            s["old_logp"] = lp[:len(s["response_ids"])]
+            policy = modeling.load_fsdp_model(model_dir, mesh, rank=rank)
+            _, out[name] = step(policy, samples, rank, world, chunk=todo)
+            out[name]["old_logp"] = [None] * world
+            dist.all_gather_object(out[name]["old_logp"], [(s["old_logp"], s.get("entropy")) for s in todo])
         out["batch"] = batch
     if rank == 0:
         torch.save(out, out_path)

@@ -164,3 +164,17 @@ def test_exported_checkpoint_gives_the_trained_log_probs(tiny_dir, variants, tmp
     bf16 = modeling.export_checkpoint(out_path + ".ckpt", model_dir, str(tmp_path / "bf16"), dtype=torch.bfloat16)
     state = modeling.load_model(bf16, dtype=torch.bfloat16).state_dict()
     assert all(torch.equal(w, trained["state"][k].to(torch.bfloat16)) for k, w in state.items())
+
+
+def test_on_policy_step_takes_its_old_log_probs_from_its_own_forward(variants):
+    """Samples without old_logp (the first optimizer step of a rollout: train.main skips their no-grad
+    forward) take the step's own log-probs, detached: the same step, bit for bit, as old log-probs from
+    a separate forward, and each sample keeps those log-probs (and its entropy) for the metrics."""
+    ref, fresh = variants[1]["on_policy_ref"], variants[1]["on_policy"]
+    assert ref["stats"] == fresh["stats"] and fresh["stats"]["clip_frac"] == 0  # ratio 1: nothing clipped
+    for k, w in ref["state"].items():
+        assert torch.equal(fresh["grads"][k], ref["grads"][k]) and torch.equal(fresh["state"][k], w), k
+    for theirs, ours in zip(ref["old_logp"], fresh["old_logp"]):
+        assert len(ours) == 4 and all(e is None for _, e in theirs)
+        for (expected, _), (got, entropy) in zip(theirs, ours):
+            assert torch.equal(got, expected) and entropy.shape == got.shape and torch.all(entropy >= 0)
