@@ -329,7 +329,7 @@ def clip_and_step(policy, optimizer, max_grad_norm):
 
 def mpo_step(policy, optimizer, pairs, cfg, *, delta, world_size, device, pad_id, banned_ids):
     """One MPO optimizer step on this rank's `pairs` ((chosen, rejected) samples with ref_logp), in
-    micro-batches of micro_batch_size sequences (the pair halves side by side). The pair terms are
+    micro-batches of micro_batch_size sequences (each pair side by side: one prompt forward). The pair terms are
     normalised by the global pair count, the SFT term by the global chosen-token count, as
     optimizer_step does. BCO's shift `delta` is held fixed during the step (grpo.bco_delta)."""
     policy.train()  # back to eval() in clip_and_step
@@ -341,11 +341,11 @@ def mpo_step(policy, optimizer, pairs, cfg, *, delta, world_size, device, pad_id
     for j in range(0, len(pairs), half):
         micro = pairs[j:j + half]
         k = len(micro)
-        _, mb = next(micro_batches([c for c, _ in micro] + [r for _, r in micro], 2 * k, pad_id, device))
+        _, mb = next(micro_batches([s for pair in micro for s in pair], 2 * k, pad_id, device, cfg.share_prompts))
         mask = mb["response_mask"]
         logp = modeling.token_logprobs(policy, mb, banned_ids=banned_ids)
         logratio = ((logp - mb["ref_logp"]) * mask).sum(-1)  # (2k,): sum_t log pi(y_t) - log pi_ref(y_t)
-        loss, m = grpo.mpo_loss(logratio[:k], logratio[k:], logp[:k], mask[:k], beta=cfg.mpo_beta, delta=delta,
+        loss, m = grpo.mpo_loss(logratio[0::2], logratio[1::2], logp[0::2], mask[0::2], beta=cfg.mpo_beta, delta=delta,
                                 weights=weights, num_pairs=n_pairs, num_tokens=n_tokens)
         loss.backward()
         for key, v in m.items():  # loss_* are already shares of the global mean; the others are micro means
