@@ -17,7 +17,9 @@ with random weights built from the real configs (no download), FSDP2 on one devi
 
 It prints update tokens/s and log-prob tokens/s (forward without gradients), the update's MFU and
 peak memory, on micro-batches of --seqs sequences, each one image (--image_px square, 4 patches per
-merged token) plus --text_len prompt tokens and --response_len response tokens.
+merged token) plus --text_len prompt tokens and --response_len response tokens. With --group=G the
+sequences are G responses per prompt and each prompt runs once (train.py's --share_prompts): tokens/s
+still counts every sequence's tokens (what is trained), MFU only the FLOPs computed.
 
 Printed per implementation (first mode): seconds per step and per phase (rollout, reward, old/ref log-probs,
 update, weight sync), tokens/s (prompt + image + response tokens trained per step over the step
@@ -129,16 +131,24 @@ def model_bench(args):
         for buf in model.buffers():
             buf.data = buf.data.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    # One micro-batch: per sequence one image of g x g patches (g/2 x g/2 merged tokens), then text.
-    g = args.image_px // 14
-    n_img, P, T = (g // 2) ** 2, args.text_len + (g // 2) ** 2 + 2, args.response_len
-    ids = torch.randint(0, 150000, (args.seqs, P + T))
-    ids[:, 1:1 + n_img] = config.image_token_id
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_ids": ids[:, P:],
-             "response_mask": torch.ones(args.seqs, T), "image_grid_thw": torch.tensor([[1, g, g]] * args.seqs),
-             "pixel_values": torch.randn(args.seqs * g * g, 3 * 2 * 14 * 14)}
+    # One micro-batch: per prompt one image of g x g patches (g/2 x g/2 merged tokens), then text; --group
+    # responses per prompt. With a group > 1 each prompt runs once (train.py's --share_prompts).
+    g, G = args.image_px // 14, args.group
+    if args.seqs % G:
+        sys.exit("--seqs must be a multiple of --group")
+    U, n_img, P, T = args.seqs // G, (g // 2) ** 2, args.text_len + (g // 2) ** 2 + 2, args.response_len
+    prompts, responses = torch.randint(0, 150000, (U, P)), torch.randint(0, 150000, (args.seqs, T))
+    prompts[:, 1:1 + n_img] = config.image_token_id
+    batch = {"input_ids": prompts, "attention_mask": torch.ones(U, P, dtype=torch.long), "response_ids": responses,
+             "response_mask": torch.ones(args.seqs, T), "image_grid_thw": torch.tensor([[1, g, g]] * U),
+             "pixel_values": torch.randn(U * g * g, 3 * 2 * 14 * 14), "prompt_index": torch.arange(U).repeat_interleave(G)}
+    if G == 1:  # full rows, one forward
+        batch["input_ids"] = torch.cat([prompts, responses], 1)
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        del batch["prompt_index"]
     batch = {k: v.to(device) for k, v in batch.items()}
-    tokens, patches = args.seqs * (P + T), args.seqs * g * g
+    tokens = args.seqs * (P + T)  # trained tokens (EasyR1's count); computed: each prompt once
+    computed, patches = U * P + args.seqs * T, U * g * g
 
     def timed(fn):
         fn()  # warm-up
@@ -164,9 +174,9 @@ def model_bench(args):
     t_update, t_logp = timed(update), timed(logprobs)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    mfu = update_mfu(model, tokens, patches, t_update)
+    mfu = update_mfu(model, computed, patches, t_update)
     print(f"| {args.model} ({config.text_config.num_hidden_layers} layers) | {name} | {args.master_dtype} | "
-          f"ac={args.activation_checkpointing} offload={args.cpu_offload} | {tokens / t_update:.0f} | "
+          f"ac={args.activation_checkpointing} offload={args.cpu_offload} group={G} | {tokens / t_update:.0f} | "
           f"{tokens / t_logp:.0f} | " + (f"{mfu:.1%}" if mfu else "n/a") + f" | {peak:.1f} GiB |")
     dist.destroy_process_group()
 
@@ -186,6 +196,7 @@ def main():
     ap.add_argument("--image_px", type=int, default=448)
     ap.add_argument("--text_len", type=int, default=200)
     ap.add_argument("--response_len", type=int, default=1024)
+    ap.add_argument("--group", type=int, default=1, help="responses per prompt in a micro-batch (>1: each prompt runs once)")
     args, flags = ap.parse_known_args()  # the rest are train.py flags for our runs, e.g. --model_path=...
     if args.model:
         print("| model | device | master | memory options | update tok/s | log-prob tok/s | update MFU | peak |")
