@@ -705,9 +705,9 @@ def main(cfg):
         # ---------------------------------------------------------------- old / ref log-probs
         t = time.perf_counter()
         per_update = len(samples) // updates_per_step  # this rank's sequences per optimizer step
-        # The first optimizer step is on-policy: its old log-probs are its own forward's, detached (TRL and
-        # verl skip this forward when on-policy too), so only later steps' samples need it here.
-        fresh = 0 if cfg.kl_in_reward else per_update  # the KL-in-reward needs every old log-prob now
+        # The first optimizer step is on-policy: its old log-probs are its own forward's, detached, as in TRL and
+        # verl; not with --kl_in_reward (needed before the advantages) or LoRA dropout (noisy in train mode).
+        fresh = 0 if cfg.kl_in_reward or cfg.lora_dropout else per_update  # samples[:fresh] skip this forward
         for s, o, e in zip(samples[fresh:], *logprobs(policy, samples[fresh:], with_entropy=True)):
             s["old_logp"], s["entropy"] = o, e
         for s, r_ in zip(samples, logprobs(ref, samples) if ref is not None else []):
