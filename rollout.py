@@ -167,16 +167,16 @@ def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tok
                 batch_size=64):
     """`generate` without vLLM: the trainer's own (FSDP2) model samples, with a KV cache.
 
-    Same prompts and return value as `generate`. A plain decoding loop rather than
-    `model.generate`: positions come from the trainer's own mRoPE (transformers' generate needs
-    version-specific inputs to place the image tokens, and fills every unset sampling setting from
-    the checkpoint's generation_config, e.g. Qwen2.5-VL-Instruct's top_k 1), and the log-probs are
-    exactly the trainer's formula: (logits + bias) / temperature. One generator seeded per call, so
-    samples depend on the batch, unlike vLLM's per-request seeds. A chunk is batch_size // n prompts:
-    each is prefilled once and its KV cache copied to its n rows. Every rank runs the same forwards
-    (FSDP's collectives must match): as many chunks as the rank with the most (others repeat a
-    chunk and drop its output), the vision tower at every prefill (model.vlm_forward), and decode
-    steps until every rank's rows have stopped. temperature 0 = greedy."""
+    Same prompts and return value as `generate`, plus "encoded" (the trainer's inputs). A plain
+    decoding loop rather than `model.generate`: positions come from the trainer's own mRoPE
+    (transformers' generate needs version-specific inputs to place the image tokens, and fills every
+    unset sampling setting from the checkpoint's generation_config, e.g. Qwen2.5-VL-Instruct's top_k
+    1), and the log-probs are exactly the trainer's formula: (logits + bias) / temperature. One
+    generator seeded per call, so samples depend on the batch, unlike vLLM's per-request seeds. A
+    chunk is batch_size // n prompts, each prefilled once and its KV cache copied to its n rows.
+    Every rank runs the same forwards (FSDP's collectives must match): as many chunks as the rank
+    with the most (others repeat a chunk and drop its output), the vision tower at every prefill
+    (model.vlm_forward), and decode steps until every rank's rows have stopped. temperature 0 = greedy."""
     import torch.distributed as dist
 
     import data
@@ -242,4 +242,4 @@ def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tok
             for b in range(B if keep else 0):
                 stop = next((k + 1 for k, x in enumerate(tokens[b]) if x in eos_ids), len(tokens[b]))  # through the eos
                 results[j + b // n].append((tokens[b][:stop], logps[b][:stop]))
-    return [{"samples": s, "prompt_token_ids": e["prompt_ids"].tolist()} for s, e in zip(results, encs)]
+    return [{"samples": s, "prompt_token_ids": e["prompt_ids"].tolist(), "encoded": e} for s, e in zip(results, encs)]

@@ -582,7 +582,7 @@ def main(cfg):
         prompts, res = prompts[tp_rank::tp], res[tp_rank::tp]  # this rank's 1/tp of its TP group's groups
         samples = []
         for p, r in zip(prompts, res):
-            enc = data.encode_prompt(p, processor)
+            enc = r.get("encoded") or data.encode_prompt(p, processor)  # generate_hf's own, or the trainer's
             if enc["prompt_ids"].tolist() != r["prompt_token_ids"]:
                 raise RuntimeError("vLLM's prompt token ids differ from the processor's: the sampler and "
                                    "the trainer would see different prompts (check the chat template)")
