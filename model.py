@@ -155,6 +155,7 @@ def apply_fsdp(model, mesh, *, param_dtype=torch.float32, reduce_dtype=torch.flo
     for unit in (*visual.blocks, visual.merger, visual, *lm.layers):
         fully_shard(unit, reshard_after_forward=reshard_after_forward, **options)
     fully_shard(model, **options)
+    model.reshard_after_forward = reshard_after_forward  # what rollout.generate_hf restores after decoding
     return model
 
 

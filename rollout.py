@@ -178,6 +178,7 @@ def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tok
     with the most (others repeat a chunk and drop its output), the vision tower at every prefill
     (model.vlm_forward), and decode steps until every rank's rows have stopped. temperature 0 = greedy."""
     import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
 
     import data
     import model as modeling
@@ -198,6 +199,10 @@ def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tok
     if synced:
         dist.all_reduce(n_chunks, op=dist.ReduceOp.MAX)
     filler = encs[:1] or [{"prompt_ids": torch.tensor([tok.pad_token_id])}]  # a rank with no prompts takes part too
+    # FSDP2: each unit stays gathered from its first forward to the end, not re-gathered per decoded token.
+    units = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
     with torch.no_grad():
         for j in range(0, int(n_chunks) * per_chunk, per_chunk):
             chunk = encs[j:j + per_chunk]  # past this rank's prompts: a repeat, output dropped
@@ -242,4 +247,7 @@ def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tok
             for b in range(B if keep else 0):
                 stop = next((k + 1 for k, x in enumerate(tokens[b]) if x in eos_ids), len(tokens[b]))  # through the eos
                 results[j + b // n].append((tokens[b][:stop], logps[b][:stop]))
+    for m in units:
+        m.set_reshard_after_forward(model.reshard_after_forward, recurse=False)
+        m.reshard()
     return [{"samples": s, "prompt_token_ids": e["prompt_ids"].tolist(), "encoded": e} for s, e in zip(results, encs)]

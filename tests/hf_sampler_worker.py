@@ -8,6 +8,8 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
@@ -31,13 +33,17 @@ def main(model_dir, data_dir, out_path):
     n = 2 if rank == 0 else 1
     res = rollout.generate_hf(policy, processor, prompts, n=n, temperature=1.0, max_tokens=12, seed=rank,
                               banned_ids=banned, batch_size=2)
+    # Each unit gathered for the whole generation (one all-gather, not one per token), sharded again after
+    # it (the root's own parameters stay gathered after any forward, as FSDP2 does by default).
+    sharded = all(isinstance(p, DTensor) for m in policy.modules() if isinstance(m, FSDPModule) and m is not policy
+                  for p in m.parameters())
     samples = [{**data.encode_prompt(p, processor), "response_ids": ids, "sampler_logp": lps}
                for p, r in zip(prompts, res) for ids, lps in r["samples"]]
     batch = data.collate(samples, processor.tokenizer.pad_token_id)
     with torch.no_grad():  # collective too: rank 1's text-only batch runs the dummy vision forward
         logp = modeling.token_logprobs(policy, batch, banned_ids=banned)
     diff = ((logp - batch["sampler_logp"]).abs() * batch["response_mask"]).max().item()
-    torch.save({"diff": diff, "counts": [len(r["samples"]) for r in res]}, f"{out_path}.{rank}")
+    torch.save({"diff": diff, "counts": [len(r["samples"]) for r in res], "sharded": sharded}, f"{out_path}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
 

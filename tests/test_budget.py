@@ -17,12 +17,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Issue 6 (speed): the shared-prompt forward (model.shared_prompt_logits, collate(share_prompts)), two flags
 #   and the on-policy first update without its own old-log-prob forward: model.py 465 -> 500, data.py
 #   355 -> 365, train.py 780 -> 790; grpo.py and reward.py trimmed by 29 lines (budgets lowered to 305 /
-#   340), so the total rose 2510 -> 2540.
-BUDGET = {"grpo.py": 305, "model.py": 500, "rollout.py": 250, "reward.py": 340, "data.py": 365, "train.py": 790}
+#   340), so the total rose 2510 -> 2540. rollout.py 250 -> 255: generate_hf gathers each FSDP unit once per
+#   generation instead of once per decoded token (total 2550).
+BUDGET = {"grpo.py": 305, "model.py": 500, "rollout.py": 255, "reward.py": 340, "data.py": 365, "train.py": 790}
 
 
 def test_modules_within_budget():
     sizes = {name: sum(1 for _ in open(os.path.join(ROOT, name))) for name in BUDGET}
     over = {name: (n, BUDGET[name]) for name, n in sizes.items() if n > BUDGET[name]}
     assert not over, f"over budget (lines, budget): {over}"
-    assert sum(sizes.values()) <= 2540, sizes
+    assert sum(sizes.values()) <= 2550, sizes

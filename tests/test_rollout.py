@@ -182,3 +182,4 @@ def test_hf_sampler_keeps_fsdp_ranks_in_step_with_uneven_shards(tiny_dir, tmp_pa
     r0, r1 = torch.load(out + ".0"), torch.load(out + ".1")
     assert r0["counts"] == [2, 2, 2] and r1["counts"] == [1]
     assert r0["diff"] < 1e-4 and r1["diff"] < 1e-4
+    assert r0["sharded"] and r1["sharded"]  # every FSDP unit resharded after decoding
