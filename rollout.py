@@ -190,6 +190,7 @@ def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tok
     eos = model.generation_config.eos_token_id  # vLLM stops on these too (Qwen: <|im_end|>, <|endoftext|>)
     eos = torch.tensor(sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}),
                        device=device)
+    eos_ids = set(eos.tolist())
     gen = torch.Generator(device).manual_seed(seed)
     encs = [data.encode_prompt(p, processor) for p in prompts]
     per_chunk = max(1, batch_size // n)  # prompts per chunk; each is prefilled once for its n rows
@@ -243,7 +244,7 @@ def generate_hf(model, processor, prompts, *, n, temperature, top_p=1.0, max_tok
                 mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
                 last = model(input_ids=token[:, None], attention_mask=mask, position_ids=(next_pos + t).expand(3, B)[..., None],
                              past_key_values=cache, use_cache=True).logits[:, -1]
-            tokens, logps, eos_ids = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist(), set(eos.tolist())
+            tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
             for b in range(B if keep else 0):
                 stop = next((k + 1 for k, x in enumerate(tokens[b]) if x in eos_ids), len(tokens[b]))  # through the eos
                 results[j + b // n].append((tokens[b][:stop], logps[b][:stop]))

@@ -244,6 +244,11 @@ def all_reduce(values, op=dist.ReduceOp.SUM):
     return dict(zip(keys, t.tolist()))
 
 
+def unpad(values, mask):
+    """(B, T) per-token values -> B CPU float tensors, each its row's response tokens only."""
+    return [row[:int(n)].detach().float().cpu() for row, n in zip(values, mask.sum(1))]
+
+
 def micro_batches(samples, size, pad_id, device, share_prompts=False):
     """(samples, padded batch on device) for consecutive slices of `size` samples."""
     for j in range(0, len(samples), size):
@@ -275,9 +280,8 @@ def optimizer_step(policy, optimizer, chunk, cfg, *, use_kl, world_size, device,
             logp = res[0] if fresh else res
             if fresh:
                 mb["old_logp"] = logp.detach()
-                for i, s in enumerate(micro):
-                    n = len(s["response_ids"])
-                    s["old_logp"], s["entropy"] = logp[i, :n].detach().float().cpu(), res[1][i, :n].float().cpu()
+                for s, o, e in zip(micro, unpad(logp, mb["response_mask"]), unpad(res[1], mb["response_mask"])):
+                    s["old_logp"], s["entropy"] = o, e
             yield micro, mb, logp
 
     for micro, mb, logp in batches(chunk):
@@ -513,12 +517,8 @@ def main(cfg):
             for _, mb in micro_batches(samples, cfg.micro_batch_size, tokenizer.pad_token_id, device, cfg.share_prompts):
                 res = modeling.token_logprobs(model, mb, temperature=cfg.temperature, banned_ids=banned,
                                               with_entropy=with_entropy)
-                lp, e = res if with_entropy else (res, None)
-                for i in range(lp.shape[0]):
-                    n = int(mb["response_mask"][i].sum())
-                    out.append(lp[i, :n].float().cpu())
-                    if with_entropy:
-                        ent.append(e[i, :n].float().cpu())
+                for dest, values in zip((out, ent), res if with_entropy else (res,)):  # log-probs[, entropies]
+                    dest += unpad(values, mb["response_mask"])
         return (out, ent) if with_entropy else out
 
     def mean_scores(scores, prefix):
