@@ -12,11 +12,14 @@
 """
 import json
 import os
+import types
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import grpo
 
@@ -97,20 +100,57 @@ def build_tiny_model(out_dir, texts, *, seed=0, vocab_size=1024, min_pixels=56 *
 
 
 # ----------------------------------------------------------------------------- loading and FSDP2
+def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention minus a copy. Under a padding mask it repeats each K/V head for its
+    query heads (repeat_kv: SDPA's enable_gqa runs unmasked only), copying the whole KV cache per layer
+    and decoded token. Here a K/V head's query heads are stacked along the query axis instead,
+    (B, H, L, D) -> (B, H_kv, groups * L, D), the mask repeated to match: the same attention over the
+    same keys, uncopied (flash-decoding's grouping of query heads)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = query.shape[1] // key.shape[1]
+    if groups == 1 or attention_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    B, H, L, D = query.shape
+    out = F.scaled_dot_product_attention(query.reshape(B, H // groups, groups * L, D), key, value, dropout_p=dropout,
+                                         attn_mask=attention_mask.repeat(1, 1, groups, 1), scale=scaling)
+    return out.reshape(B, H, L, D).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("sdpa_grouped", grouped_sdpa)
+AttentionMaskInterface.register("sdpa_grouped", sdpa_mask)
+
+
 def attention_implementation():
-    """flash-attention 2 when it is importable and there is a GPU, PyTorch SDPA otherwise."""
+    """flash-attention 2 when it is importable and there is a GPU, PyTorch SDPA otherwise (grouped_sdpa)."""
     try:
         import flash_attn  # noqa: F401
-        return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+        return "flash_attention_2" if torch.cuda.is_available() else "sdpa_grouped"
     except ImportError:
-        return "sdpa"
+        return "sdpa_grouped"
+
+
+def linear_patch_embed(model):
+    """The vision tower's patch embedding run as the matmul it is. Its Conv3d has kernel == stride and
+    every input is one kernel's worth of pixels, so it is x @ W.view(out, -1).T. torch 2.9 dropped
+    cuDNN's Conv3d for it (pytorch#166122; 10-50,000x slower on some GPUs and dtypes, transformers#45750),
+    and on CPU the conv is 3.5x slower than the matmul. vLLM makes the same swap (Conv3dLayer._forward_mulmat,
+    vllm/model_executor/layers/conv.py), so sampler and trainer compute it alike. Same parameter."""
+    embed = model.model.visual.patch_embed
+    assert embed.proj.kernel_size == embed.proj.stride and embed.proj.bias is None, "not a plain strided Conv3d"
+    embed.forward = types.MethodType(_patch_embed_matmul, embed)  # bound, so a deepcopy runs on its own weights
+    return model
+
+
+def _patch_embed_matmul(self, x):
+    return F.linear(x.to(self.proj.weight.dtype), self.proj.weight.reshape(self.proj.out_channels, -1))
 
 
 def load_model(path, *, dtype=torch.float32, device="cpu"):
     """Qwen2.5-VL from a hub id or local folder, whole, on one device."""
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype,
                                                                attn_implementation=attention_implementation())
-    return model.to(device)
+    return linear_patch_embed(model).to(device)
 
 
 def apply_fsdp(model, mesh, *, param_dtype=torch.float32, reduce_dtype=torch.float32, reshard_after_forward=True,
@@ -179,6 +219,7 @@ def load_fsdp_model(path, mesh, *, rank, master_dtype=torch.float32, lora=None, 
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(
             AutoConfig.from_pretrained(path), dtype=master_dtype, attn_implementation=attention_implementation())
+    linear_patch_embed(model)
     if lora:
         apply_lora(model, **lora)
     apply_fsdp(model, mesh, **fsdp_options)

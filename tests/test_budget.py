@@ -19,11 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #   355 -> 365, train.py 780 -> 790; grpo.py and reward.py trimmed by 29 lines (budgets lowered to 305 /
 #   340), so the total rose 2510 -> 2540. rollout.py 250 -> 255: generate_hf gathers each FSDP unit once per
 #   generation instead of once per decoded token (total 2550).
-BUDGET = {"grpo.py": 305, "model.py": 500, "rollout.py": 255, "reward.py": 340, "data.py": 365, "train.py": 790}
+# model.py 500 -> 540 (issues 6, 7): grouped_sdpa (attention without a copy of the KV cache per query head
+#   under a padding mask) and linear_patch_embed (the vision patch Conv3d as a matmul; torch 2.9+ lost cuDNN's
+#   kernel for it): step 0.78-0.84 -> 0.67 s on CPU (total 2590).
+BUDGET = {"grpo.py": 305, "model.py": 540, "rollout.py": 255, "reward.py": 340, "data.py": 365, "train.py": 790}
 
 
 def test_modules_within_budget():
     sizes = {name: sum(1 for _ in open(os.path.join(ROOT, name))) for name in BUDGET}
     over = {name: (n, BUDGET[name]) for name, n in sizes.items() if n > BUDGET[name]}
     assert not over, f"over budget (lines, budget): {over}"
-    assert sum(sizes.values()) <= 2550, sizes
+    assert sum(sizes.values()) <= 2590, sizes
