@@ -105,11 +105,12 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     query heads (repeat_kv: SDPA's enable_gqa runs unmasked only), copying the whole KV cache per layer
     and decoded token. Here a K/V head's query heads are stacked along the query axis instead,
     (B, H, L, D) -> (B, H_kv, groups * L, D), the mask repeated to match: the same attention over the
-    same keys, uncopied (flash-decoding's grouping of query heads)."""
+    same keys, uncopied (flash-decoding's grouping of query heads). Only for queries shorter than
+    2 * H_kv * D tokens, where the repeated mask (kept for backward) costs less than the K/V copy."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = query.shape[1] // key.shape[1]
-    if groups == 1 or attention_mask is None:
+    if groups == 1 or attention_mask is None or query.shape[2] >= 2 * key.shape[1] * key.shape[3]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     B, H, L, D = query.shape
     out = F.scaled_dot_product_attention(query.reshape(B, H // groups, groups * L, D), key, value, dropout_p=dropout,
