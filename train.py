@@ -53,7 +53,7 @@ class Config:
     answer_key: str = "answer"
     image_key: str = "images"
     # --- rollout ---
-    sampler: str = "vllm"  # vllm (in-process engine) | hf (the trainer's model decodes: no vLLM needed, slow)
+    sampler: str = "vllm"  # vllm (in-process engine) | hf (the trainer's model decodes: no vLLM; the faster one on CPU)
     num_generations: int = 5  # G, responses per prompt
     rollout_batch_size: int = 512  # prompts per step, all ranks together
     max_response_length: int = 2048  # tokens
