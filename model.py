@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import grpo
@@ -107,8 +108,6 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     (B, H, L, D) -> (B, H_kv, groups * L, D), the mask repeated to match: the same attention over the
     same keys, uncopied (flash-decoding's grouping of query heads). Only for queries shorter than
     2 * H_kv * D tokens, where the repeated mask (kept for backward) costs less than the K/V copy."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = query.shape[1] // key.shape[1]
     if groups == 1 or attention_mask is None or query.shape[2] >= 2 * key.shape[1] * key.shape[3]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
