@@ -4,7 +4,8 @@ global batch is split across ranks. Rank 0 writes what the tests compare.
 modes: "plain" / "unshared" (full rows, no shared prompt forward) / "mixed" (the second half of the
 rows text-only): one step, the loss metrics and the full updated state. "variants": load_fsdp_model checked against a plain load, then one step for
 each of VARIANTS (stats, gradients, updated state); the activation-checkpointed run also writes a
-checkpoint (out_path.ckpt) and save_hf's folder (out_path.hf), and its log-probs after the step.
+checkpoint (out_path.ckpt) and save_hf's folder (out_path.hf), and its log-probs after the step
+and (rank 0) those of that folder loaded back as a plain model.
 "lora": lora_step below.
 """
 import os
@@ -80,14 +81,17 @@ LORA = dict(rank=4, alpha=8)  # scale 2
 def lora_step(policy, samples, processor, out_path, rank, world):
     """load_fsdp_model(lora=LORA) with activation checkpointing (wrapped names): the state right after
     the load, one step, then what vLLM and the savers get from the sharded model: merge_lora over
-    rollout.full_weights, the log-probs, save_hf (out_path.hf), save_lora_adapter (out_path.adapter)
-    and a checkpoint (out_path.ckpt)."""
+    rollout.full_weights and over the gathered state, the log-probs, save_hf (out_path.hf),
+    save_lora_adapter (out_path.adapter) and a checkpoint (out_path.ckpt)."""
     import rollout
 
     loaded = full_state(policy)
     optimizer, out = step(policy, samples, rank, world)
     merged = modeling.merge_lora(rollout.full_weights(policy), scale=LORA["alpha"] / LORA["rank"])
     out["merged"] = {n.replace("_checkpoint_wrapped_module.", ""): w for n, w in merged}
+    # The gathered state merged in this process too (B @ A is float arithmetic): the two merges
+    # then run the same kernels with the same thread count, and the test can ask for the same bits.
+    out["state_merged"] = modeling.hf_state_dict(policy, out["state"])
     out["batch"] = data.collate(samples, 0)
     with torch.no_grad():
         out["logp"] = modeling.token_logprobs(policy, out["batch"])
@@ -122,11 +126,14 @@ def main(model_dir, data_dir, out_path, mode="plain"):
         batch = data.collate(samples, 0)  # the whole batch on every rank, for log-probs
         policy = modeling.load_fsdp_model(model_dir, mesh, rank=rank)
         with torch.no_grad():  # each rank's buffers and log-probs: only rank 0 read the weights
+            # The plain model's log-probs on every rank too: each pair is computed in one process,
+            # with the same kernels and thread count, so the test can ask for the same bits.
             mine = {"logp": modeling.token_logprobs(policy, batch), "buffers": dict(policy.named_buffers())}
+            mine["plain_logp"] = modeling.token_logprobs(plain, batch)
         ranks = [None] * world
         dist.all_gather_object(ranks, mine)
-        out = {"load": {"state": full_state(policy), "ranks": ranks, "plain_buffers": dict(plain.named_buffers()),
-                        "plain_logp": modeling.token_logprobs(plain, batch).detach()}}
+        out = {"load": {"state": full_state(policy), "ranks": ranks,
+                        "plain_buffers": dict(plain.named_buffers())}}
         for name, options in VARIANTS.items():
             # A fresh model each time: after a no-grad forward the root stays gathered (FSDP2 never
             # reshards it after forward), and an optimizer built then would hold the gathered copies.
@@ -138,6 +145,9 @@ def main(model_dir, data_dir, out_path, mode="plain"):
                 modeling.save_hf(policy, processor, out_path + ".hf", rank=rank)
                 with torch.no_grad():
                     out[name]["logp"] = modeling.token_logprobs(policy, batch)
+                    if rank == 0:  # save_hf's folder read back here: same kernels and thread count
+                        hf = modeling.load_model(out_path + ".hf")
+                        out[name]["hf_logp"] = modeling.token_logprobs(hf, batch)
         # On-policy: samples without old_logp take their own forward's, detached (train.main skips that
         # forward for the first optimizer step); the reference computes it in train.py's no-grad pass.
         share = len(samples) // world
