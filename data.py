@@ -29,6 +29,20 @@ MATH_FORMAT_PROMPT = (
 )
 
 
+def check_format_prompt(text, path):
+    """A format prompt file's text, checked: jinja that uses {{ content }} (without it the problem
+    and its <image> are dropped, and the forward fails much later). Returns the text."""
+    import jinja2.meta
+
+    try:
+        names = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(text))
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"format prompt {path}: line {e.lineno}: {e.message}") from e
+    if "content" not in names:
+        raise ValueError(f"format prompt {path} has no {{{{ content }}}}: where the problem goes")
+    return text
+
+
 # ----------------------------------------------------------------------------- synthetic data
 def draw_shapes(rng, size=56, cells=2):
     """A white image cut into cells x cells squares; a random subset holds one coloured shape each."""
@@ -114,6 +128,8 @@ def load_rows(spec):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data file {path!r} does not exist")
         builder = "parquet" if ext == ".parquet" else "json"
+        if not _has_rows(path, builder):
+            raise ValueError(f"{spec}: the file has no rows")
         try:
             return datasets.load_dataset(builder, data_files=path, split="train")
         except Exception as e:  # arrow/json errors, some wrapped in a DatasetGenerationError that says nothing
@@ -123,15 +139,44 @@ def load_rows(spec):
     return datasets.load_dataset(path, split=split or "train")
 
 
+def _has_rows(path, builder):
+    """False for a file with no rows (empty, blank lines, a parquet of 0 rows), for which datasets
+    says "BatchSize must be greater than 0" or nothing at all; True when unsure."""
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows > 0
+        with open(path, "rb") as f:
+            return bool(f.read(1 << 20).strip(b" \t\r\n[]"))
+    except Exception:  # unreadable: load_dataset says why
+        return os.path.getsize(path) > 0
+
+
+def to_rgb(img):
+    """Any PIL mode -> RGB as meant to be seen: transparency on white (a plain convert makes it
+    black, and black line art vanishes; vLLM's loader and qwen-vl-utils paste RGBA on white), 16-bit
+    grayscale scaled to 8 bits (a plain convert clips it, mostly to white)."""
+    if img.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit samples, 65535 is white
+        img = img.convert("I").point(lambda v: v / 257)
+    if img.has_transparency_data:  # RGBA, LA, PA, or P / L / RGB with a transparent colour
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert("RGB")
+
+
 def resize_image(img, min_pixels, max_pixels):
     """Scale an image (keeping its aspect ratio) so its area lies in [min_pixels, max_pixels] and its short
     side is >= 28 px, the processor's unit (14-px patches merged 2x2): older smart_resize rejects less.
-    That wins over max_pixels. No resize fixes the other thing it rejects, an aspect ratio over 200."""
-    img = img.convert("RGB")
+    That wins over max_pixels. No resize fixes the other thing it rejects, an aspect ratio over 200,
+    and none makes it: the long side is capped at 200 short sides (rounding the short side down
+    turned 10000x50 into 5780x28)."""
+    img = to_rgb(img)
     w, h = img.size
     scale = max(math.sqrt(min(max(w * h, min_pixels), max_pixels) / (w * h)), 28 / min(w, h))
     if scale != 1.0:
-        img = img.resize((max(28, int(w * scale)), max(28, int(h * scale))))
+        short = max(28, int(min(w, h) * scale))
+        long = max(28, min(int(max(w, h) * scale), 200 * short))
+        img = img.resize((long, short) if w >= h else (short, long))
     return img
 
 
@@ -165,12 +210,17 @@ def swift_turns(messages, where, reply=False):
     return texts[-2], texts[0] if roles[0] == "system" else None, texts[-1]
 
 
-def text_field(value, key, where, reason):
-    """A field that must hold text: not a string is a format error, missing or blank the row's (SkipRow)."""
+def text_field(value, key, where, reason, tokens=()):
+    """A field that must hold text: not a string is a format error, missing or blank the row's
+    (SkipRow), and so is one of `tokens` typed in it: the tokenizer reads "<|image_pad|>" or
+    "<|im_end|>" in text as the token itself, which breaks the image count or the chat turns."""
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{where} '{key}' is a {type(value).__name__}, not a string")
     if not value or not value.strip():
         raise SkipRow(f"{where} '{key}' is missing or empty", reason)
+    if typed := [t for t in tokens if t in value]:
+        raise SkipRow(f"{where} '{key}' has the special token {typed[0]} in its text",
+                      "special token in text")
     return value
 
 
@@ -196,7 +246,10 @@ def build_prompt(row, index, processor, *, format_prompt=MATH_FORMAT_PROMPT, min
     if problem is None and row.get("messages") is not None:
         (problem, system, reply), prompt_key = swift_turns(row["messages"], where, kind != "prompt"), "messages"
         answer_key = answer_key if answer_key in row else "solution"
-    problem = text_field(problem, prompt_key, where, "empty problem")
+    tokens = [t.content for t in processor.tokenizer.added_tokens_decoder.values() if t.special]
+    problem = text_field(problem, prompt_key, where, "empty problem", tokens)
+    if system:
+        text_field(system, "messages", where, "empty system turn", tokens)
     answer = row.get(answer_key)
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):  # a number column: 3.0 -> "3", NaN -> None
         answer = None if answer != answer else str(int(answer)) if float(answer).is_integer() else str(answer)
@@ -208,7 +261,7 @@ def build_prompt(row, index, processor, *, format_prompt=MATH_FORMAT_PROMPT, min
     texts, fields = {}, {**row, "messages": reply}
     for name, keys in RESPONSES[kind].items():
         key = max(keys, key=lambda k: (fields.get(k) is not None, k in fields))  # the first set, else first present
-        texts[name] = text_field(fields.get(key), key, where, f"missing or empty {name}")
+        texts[name] = text_field(fields.get(key), key, where, f"missing or empty {name}", tokens)
     if kind == "pref" and texts["rejected"] == texts["chosen"]:
         raise SkipRow(f"{where} '{key}' is the chosen response", "rejected same as chosen")
     images = row.get(image_key)
@@ -219,13 +272,15 @@ def build_prompt(row, index, processor, *, format_prompt=MATH_FORMAT_PROMPT, min
     pil = []
     for k, im in enumerate(images):
         try:
-            pil.append(resize_image(to_pil(im, root), min_pixels, max_pixels))
+            img = to_pil(im, root)
+            if max(img.size) <= 200 * min(img.size):  # the image's own ratio: resize_image keeps it
+                pil.append(resize_image(img, min_pixels, max_pixels))
         except Exception as e:  # PIL raises many kinds for bad bytes: OSError, SyntaxError, ValueError, zlib.error
             reason = "missing image file" if isinstance(e, FileNotFoundError) else "unreadable image"
             raise SkipRow(f"{where} '{image_key}': image {k}: {e}", reason) from e
-        if max(pil[-1].size) / min(pil[-1].size) > 200:  # see resize_image
-            raise SkipRow(f"{where} '{image_key}': image {k} is {pil[-1].width}x{pil[-1].height}, "
-                          "aspect ratio over 200", "image aspect ratio over 200")
+        if len(pil) == k:
+            raise SkipRow(f"{where} '{image_key}': image {k} is {img.width}x{img.height}, aspect "
+                          "ratio over 200", "image aspect ratio over 200")
     if format_prompt:
         problem = jinja2.Template(format_prompt).render(content=problem)
     content = []

@@ -34,40 +34,45 @@ LOG_RATIO_MAX = 20.0  # exp(20) ~ 5e8: a ratio that large is already "infinitely
 
 
 def _groups(rewards, group_size):
-    """(B,) -> (B / G, G), after checking the shapes the group math relies on."""
+    """(B,) -> (B / G, G) rewards, their finite mask, (B / G, 1) count; after checking shapes."""
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 for a group baseline, got {group_size}")
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"rewards must be (B,) with B divisible by group_size {group_size}, "
                          f"got shape {tuple(rewards.shape)}")
-    return (rewards if rewards.is_floating_point() else rewards.float()).view(-1, group_size)
+    r = (rewards if rewards.is_floating_point() else rewards.float()).view(-1, group_size)
+    return r, torch.isfinite(r), torch.isfinite(r).sum(dim=1, keepdim=True)
 
 
-def _zero_equal_groups(adv, r):
-    # In float32 the mean of 8 copies of 0.1 is not exactly 0.1, so "R - mean" is ~7e-9 and dividing by an
-    # equally tiny std turns it into a same-sign advantage of about -0.007 for the whole group (all-wrong but
-    # well-formatted answers, overall = 0.1). Force those to 0.
-    equal = (r == r[:, :1]).all(dim=1, keepdim=True)  # (B/G, 1)
-    return torch.where(equal, torch.zeros_like(adv), adv)
+def _keep_signal(adv, r, valid):
+    # 0 for a sample without a reward and for a group whose valid rewards are all equal (or < 2):
+    # in float32 the mean of 8 copies of 0.1 is not 0.1, and (R - mean) / std would give the group
+    # a fake advantage of about -0.007.
+    lo = torch.where(valid, r, math.inf).amin(dim=1, keepdim=True)  # (B/G, 1)
+    hi = torch.where(valid, r, -math.inf).amax(dim=1, keepdim=True)
+    return torch.where(valid & (lo < hi), adv, 0.0)
 
 
 def group_advantages(rewards, group_size, *, std_norm=True, eps=1e-6):
     """GRPO advantage (R - group mean) / (group std + eps); std_norm=False is Dr.GRPO. (B,) -> (B,).
 
-    The std is Bessel-corrected (torch.std's default), as in EasyR1, verl and TRL. A group whose rewards are
-    all equal gets exactly 0: it carries no signal, and must not get a tiny fake one."""
-    r = _groups(rewards, group_size)  # (B/G, G)
-    adv = r - r.mean(dim=1, keepdim=True)
+    The std is Bessel-corrected (torch.std's default), as in EasyR1, verl and TRL. A group whose
+    rewards are all equal gets exactly 0: it carries no signal, and must not get a tiny fake one. A
+    NaN or inf reward (the reward failed on that sample) is left out of its group's mean and std and
+    gets 0, as TRL does with None."""
+    r, valid, n = _groups(rewards, group_size)  # (B/G, G), n valid rewards per group
+    adv = r - torch.where(valid, r, 0.0).sum(dim=1, keepdim=True) / n.clamp(min=1)
     if std_norm:
-        adv = adv / (r.std(dim=1, keepdim=True) + eps)
-    return _zero_equal_groups(adv, r).reshape(-1)
+        var = torch.where(valid, adv, 0.0).square().sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+        adv = adv / (var.sqrt() + eps)
+    return _keep_signal(adv, r, valid).reshape(-1)
 
 
 def rloo_advantages(rewards, group_size):
-    """RLOO: R_i minus the mean of the other G - 1 rewards of its group. (B,) -> (B,)."""
-    r = _groups(rewards, group_size)  # (B/G, G)
-    baseline = (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
-    return _zero_equal_groups(r - baseline, r).reshape(-1)
+    """RLOO: R_i minus the mean of the other valid rewards of its group. (B,) -> (B,)."""
+    r, valid, n = _groups(rewards, group_size)  # (B/G, G)
+    baseline = (torch.where(valid, r, 0.0).sum(dim=1, keepdim=True) - r) / (n - 1).clamp(min=1)
+    return _keep_signal(r - baseline, r, valid).reshape(-1)
 
 
 def _masked_mean(x, valid):
@@ -187,7 +192,7 @@ def filter_groups(scores, group_size, low=0.01, high=0.99):
     Groups that are all right or all wrong have zero advantage and only dilute the batch. Filter on accuracy,
     never on a score that includes the format bonus: EasyR1 filters on "overall", so an all-wrong but
     well-formatted group (mean 0.1) passes although it carries no signal."""
-    mean = _groups(scores, group_size).mean(dim=1)  # (B/G,)
+    mean = _groups(scores, group_size)[0].mean(dim=1)  # (B/G,)
     return (mean > low) & (mean < high)
 
 

@@ -35,6 +35,7 @@ import time
 from math_verify import parse, verify
 
 log = logging.getLogger(__name__)
+HALF_WIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)} | {0x3000: " "}  # full-width -> ASCII
 
 # -----------------------------------------------------------------------------
 # reading and grading an answer
@@ -71,12 +72,13 @@ def grade(answer, ground_truth, *, box=True):
     math-verify reads gold like a prediction, from LaTeX, so a bare ground truth ("3", "\\frac{1}{2}", "2\\sqrt{3}",
     "60^\\circ") is boxed first; so is the answer, which came out of a box, unless box=False (free text, "The
     answer is $3$"). Units and degrees are dropped ("5 cm" == 5, "60^\\circ" == 60), 0.5 == \\frac{1}{2}, and floats
-    are rounded to 6 digits."""
-    gt = str(ground_truth).strip()
+    are rounded to 6 digits. Full-width forms, as CJK input methods type them, read as ASCII
+    (\\boxed{４８} is 48); not through NFKC, which would also flatten superscripts ("3²" -> "32")."""
+    gt = str(ground_truth).translate(HALF_WIDTH).strip()
     if answer is None or not gt:
         return 0.0
     gold = parse(gt if "\\boxed" in gt or "$" in gt else "\\boxed{" + gt + "}", parsing_timeout=None)
-    answer = answer.replace("°", "^{\\circ}")  # math-verify keeps "60°" as a string, not 60
+    answer = answer.translate(HALF_WIDTH).replace("°", "^{\\circ}")  # else "60°" stays a string
     pred = parse("\\boxed{" + answer + "}" if box else answer, parsing_timeout=None)
     return float(verify(gold, pred, timeout_seconds=None))
 
@@ -221,9 +223,11 @@ def score_batch(reward_fn, inputs, *, timeout_s=10.0, num_workers=None):
     The batch goes out in chunks, about 4 per worker (num_workers defaults to min(8, CPUs)). A chunk whose call
     raises, dies or runs past timeout_s (timed from when its worker picks it up) is re-run one sample at a time,
     a hung worker being killed; a sample that still fails alone scores 0 in every key, is logged once per
-    distinct error, and counts in stats["reward/failed"] (raised or died) or stats["reward/timed_out"]. stats
-    holds only these counts, which add up over ranks. Scores of the wrong length or without a numeric "overall"
-    are a bug in the reward, not a bad sample: ValueError.
+    distinct error, and counts in stats["reward/failed"] (raised or died) or
+    stats["reward/timed_out"]. A NaN or inf "overall" counts as failed too: that sample scores 0 in
+    every key but "overall", which is NaN, so that the advantages (grpo.group_advantages) leave it
+    out of its group. stats holds only these counts, which add up over ranks. Scores of the wrong
+    length or without a numeric "overall" are a bug in the reward, not a bad sample: ValueError.
 
     Processes, not threads: math-verify is pure Python, so threads share one core under the GIL (256
     Geometry3K-like responses on 2 CPUs: serial 0.90 s, 2 threads 0.97 s, 2 warm workers 0.48 s), and a thread
@@ -286,12 +290,19 @@ def score_batch(reward_fn, inputs, *, timeout_s=10.0, num_workers=None):
             for job in running:  # left only by an exception (a bad score list, Ctrl-C)
                 _stop(job["proc"])
     keys = list(dict.fromkeys(k for s in scores if s is not None for k in s)) or ["overall"]
+    nonfinite = [i for i, s in enumerate(scores) if s and not math.isfinite(s["overall"])]
+    for i in nonfinite:
+        scores[i] = {**dict.fromkeys(keys, 0.0), "overall": math.nan}
     scores = [dict.fromkeys(keys, 0.0) if s is None else s for s in scores]
     for text, idx in errors.items():
         log.warning("reward %s raised on %d of %d samples, scored 0: %s", name, len(idx), n, text)
+    if nonfinite:
+        log.warning("reward %s gave a NaN or inf overall on %d of %d samples: counted as failed, "
+                    "left out of the advantages", name, len(nonfinite), n)
     if timed_out:
         log.warning("reward %s ran over %.1f s on %d of %d samples, scored 0", name, timeout_s, len(timed_out), n)
-    return scores, {"reward/failed": float(sum(map(len, errors.values()))), "reward/timed_out": float(len(timed_out))}
+    failed = sum(map(len, errors.values())) + len(nonfinite)
+    return scores, {"reward/failed": float(failed), "reward/timed_out": float(len(timed_out))}
 
 
 def _spawn():

@@ -311,7 +311,7 @@ def test_tiny_images_are_scaled_to_what_the_processor_takes(tmp_path, processor)
     grids = [data.encode_prompt(p, processor)["image_grid_thw"].tolist() for p in prompts[:2]]
     assert grids == [[[1, 4, 4]], [[1, 50, 2]]]
     assert summary.endswith("skipped 1 image aspect ratio over 200 (first: row 2: field 'images': image 0 is "
-                            "28x8400, aspect ratio over 200)")
+                            "1x300, aspect ratio over 200)")
 
 
 def test_duplicates_are_skipped(tmp_path, processor):
@@ -458,3 +458,97 @@ def test_offline_format_errors_name_file_row_and_field(tmp_path, processor):
         data.build_prompt({"prompt": "q?", "chosen": ["a"], "rejected": "b"}, 3, processor, source="p.jsonl", kind="pref")
     with pytest.raises(ValueError, match=r"unknown kind 'dpo', expected one of: prompt, sft, pref"):
         load(spec, processor, kind="dpo")
+
+
+# ----------------------------------------------------------------------------- issue 16: silent damage, late errors
+def encoded(img, fmt="PNG"):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def line_art(mode):
+    """A 56x56 image, all transparent but for an opaque black diagonal: a diagram as drawn for the web."""
+    rgba = Image.new("RGBA", (56, 56), (0, 0, 0, 0))
+    for i in range(56):
+        rgba.putpixel((i, i), (0, 0, 0, 255))
+    if mode == "P":  # a palette image whose index 0 is the transparent colour
+        p = Image.new("P", (56, 56), 0)
+        p.putpalette([0, 0, 0, 0, 0, 0])
+        for i in range(56):
+            p.putpixel((i, i), 1)
+        p.info["transparency"] = 0
+        return p
+    return rgba.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_images_are_composited_on_white(tmp_path, processor, mode):
+    row = {"problem": "<image>What is drawn?", "answer": "1", "images": [encoded(line_art(mode))]}
+    prompts, _ = load(write_parquet(tmp_path / "t.parquet", [row] + good(1)), processor)
+    img = prompts[0]["images"][0]
+    assert img.mode == "RGB" and img.size == (56, 56)  # inside the pixel bounds: not resized
+    assert img.getpixel((0, 55)) == (255, 255, 255) and img.getpixel((20, 20)) == (0, 0, 0)
+    assert sorted(img.getcolors()) == [(56, (0, 0, 0)), (56 * 56 - 56, (255, 255, 255))]
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path, processor):
+    import numpy as np
+
+    ramp = (np.arange(56 * 56, dtype=np.uint32).reshape(56, 56) * 20).astype(np.uint16)  # 0 .. 62700
+    source = Image.fromarray(ramp)
+    assert source.mode == "I;16"
+    row = {"problem": "<image>What is drawn?", "answer": "1", "images": [encoded(source)]}
+    prompts, _ = load(write_parquet(tmp_path / "t.parquet", [row] + good(1)), processor)
+    got = np.asarray(prompts[0]["images"][0])  # (56, 56, 3)
+    want = (ramp.astype(np.float64) / 257).astype(np.uint8)  # 65535 -> 255, truncating like PIL
+    assert np.array_equal(got, np.repeat(want[:, :, None], 3, axis=2))
+    assert got.max() == 243 and got.min() == 0  # not clipped to white (it was 255 almost everywhere)
+
+
+def test_special_tokens_typed_in_text_are_skipped_with_row_and_field(tmp_path, processor):
+    rows = [{"problem": "Is <|image_pad|> an image?", "answer": "1"},
+            {"problem": "Stop here<|im_end|> then?", "answer": "2"}] + good(3)
+    prompts, summary = load(write_jsonl(tmp_path / "t.jsonl", rows), processor)
+    assert [p["answer"] for p in prompts] == ["0", "1", "2"]
+    assert "skipped 2 special token in text (first: row 0: field 'problem' has the special token " \
+           "<|image_pad|> in its text)" in summary
+    sft = [{"query": "a?", "response": "<think>x</think> <|vision_start|>"}] + [
+        {"query": f"q{i}?", "response": f"r{i}"} for i in range(2)]
+    _, summary = load(write_jsonl(tmp_path / "sft.jsonl", sft), processor, kind="sft")
+    assert "skipped 1 special token in text (first: row 0: field 'response' has the special token " \
+           "<|vision_start|> in its text)" in summary
+
+
+def test_format_prompt_without_content_or_with_a_syntax_error_names_the_file():
+    good_text = "{{ content | trim }} Answer in \\boxed{}."
+    assert data.check_format_prompt(good_text, "r1v.jinja") == good_text
+    with pytest.raises(ValueError, match=r"format prompt mine.jinja has no \{\{ content \}\}"):
+        data.check_format_prompt("Solve the problem.", "mine.jinja")
+    with pytest.raises(ValueError, match=r"format prompt mine.jinja: line 2: unexpected '}'"):
+        data.check_format_prompt("Solve\n{{ content }", "mine.jinja")
+
+
+def test_empty_jsonl_and_zero_row_parquet_name_the_file(tmp_path, processor):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"problem": pa.array([], pa.string())}), tmp_path / "zero.parquet")
+    for name in ("empty.jsonl", "blank.jsonl", "zero.parquet"):
+        with pytest.raises(ValueError, match=f"^{tmp_path / name}: the file has no rows$"):
+            load(str(tmp_path / name), processor)
+
+
+def test_aspect_ratio_is_checked_before_the_resize(tmp_path, processor):
+    # 10000x50 is exactly 200:1. Scaled by 0.578 to fit max_pixels, int() made it 5780x28 (206:1) and
+    # the row was skipped; the resize now cuts the long side to keep 200:1, which the processor takes.
+    img = data.resize_image(Image.new("RGB", (10000, 50)), 3136, 167_042)
+    assert img.size == (5600, 28)
+    row = {"problem": "<image>How long?", "answer": "1", "images": [encoded(Image.new("RGB", (10000, 50)))]}
+    prompts, summary = load(write_parquet(tmp_path / "t.parquet", [row] + good(1)), processor,
+                            max_pixels=167_042)
+    assert "skipped" not in summary and prompts[0]["images"][0].size == (5600, 28)
+    # the processor takes it, keeps the 28-px side and shrinks the long one to its own max_pixels
+    assert data.encode_prompt(prompts[0], processor)["image_grid_thw"].tolist() == [[1, 2, 112]]

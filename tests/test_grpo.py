@@ -102,6 +102,42 @@ def test_rloo_hand_values_and_naive_loop():
     close(grpo.rloo_advantages(r, 3), want)
 
 
+NAN, INF = math.nan, math.inf
+
+
+def test_nonfinite_rewards_are_left_out_of_their_group_hand_values():
+    # group 1 [1, nan, 0, 0]: valid [1, 0, 0], mean 1/3, deviations [2/3, -1/3, -1/3],
+    #   Bessel var (4/9 + 1/9 + 1/9) / 2 = 1/3, std s = 1/sqrt(3) -> [2s, 0, -s, -s]
+    # group 2 [2, inf, -inf, 2]: valid rewards equal -> 0; group 3 all nan -> 0;
+    # group 4 [5, nan, nan, nan]: one valid reward has no baseline -> 0
+    r = t([1.0, NAN, 0, 0, 2, INF, -INF, 2, NAN, NAN, NAN, NAN, 5, NAN, NAN, NAN])
+    s = 1 / math.sqrt(3)
+    close(grpo.group_advantages(r, 4, eps=0.0), [2 * s, 0, -s, -s] + [0] * 12)
+    close(grpo.group_advantages(r, 4, std_norm=False), [2 / 3, 0, -1 / 3, -1 / 3] + [0] * 12)
+    # RLOO: 1 - (0 + 0) / 2 = 1; 0 - (1 + 0) / 2 = -1/2
+    close(grpo.rloo_advantages(r, 4), [1, 0, -.5, -.5] + [0] * 12)
+
+
+@pytest.mark.parametrize("std_norm", [True, False])
+def test_nonfinite_rewards_give_the_advantages_of_the_valid_rewards_alone(std_norm):
+    # A group with k invalid rewards must get, on its valid samples, exactly what a group of the
+    # G - k valid rewards gets, and 0 on the others.
+    G = 6
+    r = rand(4 * G, seed=7)
+    bad = [[1], [0, 5], [2, 3, 4], []]  # invalid positions per group
+    for g, idx in enumerate(bad):
+        for k, i in enumerate(idx):
+            r[g * G + i] = (NAN, INF, -INF)[k % 3]
+    adv = grpo.group_advantages(r, G, std_norm=std_norm)
+    rloo = grpo.rloo_advantages(r, G)
+    for g, idx in enumerate(bad):
+        keep = [g * G + i for i in range(G) if i not in idx]
+        close(adv[keep], grpo.group_advantages(r[keep], len(keep), std_norm=std_norm))
+        close(rloo[keep], grpo.rloo_advantages(r[keep], len(keep)))
+        close(adv[[g * G + i for i in idx]], [0.0] * len(idx))
+        close(rloo[[g * G + i for i in idx]], [0.0] * len(idx))
+
+
 # ----------------------------------------------------------------------------- policy loss
 
 def test_policy_loss_token_hand_values_gradients_and_metrics():

@@ -1,6 +1,7 @@
 """reward.py: exact grades on a table of answers, and score_batch's safety net on rewards that
 raise, die or hang. A custom reward file is written to tmp_path by the tests that need one."""
 import logging
+import math
 import os
 import re
 import threading
@@ -42,6 +43,10 @@ MATH_CASES = [
     ("", "3", (0.0, 0.0, 0.0)),
     (THINK + "\\boxed{3}", "", (0.1, 1.0, 0.0)),
     ("<think>" + "a" * 100_000 + "</think>\\boxed{7}", "7", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{４８}", "48", (1.0, 1.0, 1.0)),  # full-width digits (CJK input methods)
+    (THINK + "\\boxed{48}", "４８", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{－３.５}", "-3.5", (1.0, 1.0, 1.0)),
+    (THINK + "\\boxed{３²}", "32", (0.1, 1.0, 0.0)),  # a superscript stays one (NFKC: "32")
 ]
 
 
@@ -147,6 +152,9 @@ def score(inputs):
             raise ZeroDivisionError("bad sample")
         if x["response"] == "die":
             os._exit(3)
+        if x["response"] in ("nan", "inf", "-inf"):
+            out.append({"overall": float(x["response"]), "length": 9, "tag": "t"})
+            continue
         if x["response"] == "hang":
             with open(x["pid_file"], "w") as f:
                 f.write(str(os.getpid()))
@@ -210,6 +218,23 @@ def test_score_batch_zeroes_samples_that_raise_or_die(reward_file, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert sum("ZeroDivisionError: bad sample" in m and "2 of 8" in m for m in messages) == 1  # once per error
     assert sum("exited with code 3" in m for m in messages) == 1
+
+
+def test_score_batch_fails_nonfinite_overall_as_nan(reward_file, caplog):
+    responses = ["a", "nan", "b", "inf", "raise", "-inf", "a", "a"]
+    inputs = [{"response": r, "ground_truth": "a"} for r in responses]
+    with caplog.at_level(logging.WARNING, logger="reward"):
+        scores, stats = reward.score_batch(reward.load_reward(f"{reward_file}:score"), inputs,
+                                           num_workers=2)
+    one = {"overall": 1.0, "length": 1, "tag": "t"}
+    zero = {"overall": 0.0, "length": 0.0, "tag": 0.0}
+    nan = [1, 3, 5]
+    assert [scores[i] for i in (0, 2, 4, 6, 7)] == [one, {**one, "overall": 0.0}, zero, one, one]
+    for i in nan:  # NaN, not 0, in "overall": the advantages leave it out; 0 in the metrics
+        assert math.isnan(scores[i]["overall"]) and {**scores[i], "overall": 0.0} == zero
+    assert stats == {"reward/failed": 4.0, "reward/timed_out": 0.0}
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("NaN or inf overall on 3 of 8 samples" in m for m in messages) == 1
 
 
 def test_score_batch_kills_a_hanging_sample(reward_file, tmp_path):
