@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -49,12 +50,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(out_dir, texts, *, seed=0, vocab_size=1024, min_pixels=56 * 56, max_pixels=112 * 112):
+def build_tiny_model(out_dir, texts, *, seed=0, vocab_size=1024, min_pixels=56 * 56,
+                     max_pixels=112 * 112, tie_word_embeddings=False):
     """Write a random tiny Qwen2.5-VL (model, tokenizer, processor) that transformers and vLLM load.
 
     texts: the corpus the byte-level BPE is trained on (the prompts and answers it will see).
     Shapes follow vLLM's CPU limits: text head_dim 32 (16 fails there) and mrope_section summing to
-    head_dim / 2. Deterministic for a seed.
+    head_dim / 2. Deterministic for a seed. tie_word_embeddings: lm_head shares embed_tokens'
+    weight, as in Qwen2.5-VL-3B (the 7B and larger are untied).
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
@@ -84,7 +87,8 @@ def build_tiny_model(out_dir, texts, *, seed=0, vocab_size=1024, min_pixels=56 *
                 pad_token_id=ids["<|endoftext|>"])
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
                   fullatt_block_indexes=[1], window_size=112)
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                              tie_word_embeddings=tie_word_embeddings,
                               image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                               vision_start_token_id=ids["<|vision_start|>"],
                               vision_end_token_id=ids["<|vision_end|>"],
@@ -117,8 +121,17 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     return out.reshape(B, H, L, D).transpose(1, 2).contiguous(), None
 
 
+def sdpa_mask_no_empty_rows(*args, **kwargs):
+    """transformers' sdpa_mask with every query row that may see no key opened to all keys. A
+    left-padded position is one: causal and padding leave it nothing, and some SDPA kernels (cuDNN:
+    huggingface/transformers#47651) return NaN there, which reaches the gradients. transformers 5
+    no longer fixes such rows (4.x did); nothing reads the output of a padded position."""
+    mask = sdpa_mask(*args, **kwargs)  # None: no mask needed (causal, no padding)
+    return mask if mask is None or mask.dtype != torch.bool else mask | ~mask.any(-1, keepdim=True)
+
+
 AttentionInterface.register("sdpa_grouped", grouped_sdpa)
-AttentionMaskInterface.register("sdpa_grouped", sdpa_mask)
+AttentionMaskInterface.register("sdpa_grouped", sdpa_mask_no_empty_rows)
 
 
 def attention_implementation():
@@ -151,6 +164,24 @@ def load_model(path, *, dtype=torch.float32, device="cpu"):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype,
                                                                attn_implementation=attention_implementation())
     return linear_patch_embed(model).to(device)
+
+
+def load_processor(path, **kwargs):
+    """AutoProcessor.from_pretrained(path, **kwargs), or a stop that says what to change in the older and
+    derived Qwen2.5-VL folders whose preprocessor_config.json names "Qwen2_5_VLImageProcessor":
+    transformers 5 has no such class (huggingface/transformers#36193) and vLLM 0.32 fails on them
+    too, with a hint at trust_remote_code that does not help."""
+    import transformers
+
+    try:
+        return transformers.AutoProcessor.from_pretrained(path, **kwargs)
+    except ValueError as e:
+        if "Unrecognized image processor" not in str(e):
+            raise
+    raise ValueError(f"{path}: preprocessor_config.json names an image processor that transformers "
+                     f"{transformers.__version__} does not have (older Qwen2.5-VL folders say "
+                     '"Qwen2_5_VLImageProcessor"). Qwen2.5-VL uses Qwen2-VL\'s: set '
+                     '"image_processor_type": "Qwen2VLImageProcessor" in that file.')
 
 
 def apply_fsdp(model, mesh, *, param_dtype=torch.float32, reduce_dtype=torch.float32, reshard_after_forward=True,
@@ -214,11 +245,15 @@ def load_fsdp_model(path, mesh, *, rank, master_dtype=torch.float32, lora=None, 
     to rank 0's copy before the broadcast: the same names (`q_proj.base.weight`), rank 0's adapters.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from transformers import AutoConfig
+    from transformers import AutoConfig, GenerationConfig
 
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(
             AutoConfig.from_pretrained(path), dtype=master_dtype, attn_implementation=attention_implementation())
+    try:  # config.json names one eos (<|im_end|>); Qwen's generation_config.json adds <|endoftext|>
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # the folder has none
+        pass
     linear_patch_embed(model)
     if lora:
         apply_lora(model, **lora)
@@ -401,35 +436,60 @@ def shared_prompt_logits(model, batch, position_ids):
 
 
 def token_logprobs(model, batch, *, temperature=1.0, banned_ids=(), with_entropy=False):
-    """log pi(response token) under `model`, (B, T), 0 where response_mask is 0.
-
-    Matches what the sampler reports: logits / temperature with the banned (image) tokens pushed
-    down by 100, as vLLM's logit_bias does before its processed log-probs. Only the T+1 last
-    positions go through lm_head (logits_to_keep), so prompt logits are never materialised.
-    """
-    T = batch["response_ids"].shape[1]
-    cfg = model.config
+    """log pi(response token) under `model`, (B, T), 0 where response_mask is 0 (response_logprobs).
+    Only the T+1 last positions go through lm_head (logits_to_keep): no prompt logits."""
+    ids, T, cfg = batch["response_ids"], batch["response_ids"].shape[1], model.config
     position_ids = mrope_position_ids(batch["input_ids"], batch["attention_mask"], batch.get("image_grid_thw"),
                                       image_token_id=cfg.image_token_id,
                                       merge_size=cfg.vision_config.spatial_merge_size)
     if "prompt_index" in batch:  # data.collate(share_prompts=True)
-        logits = shared_prompt_logits(model, batch, position_ids).float()
-    else:
+        logits = shared_prompt_logits(model, batch, position_ids)
+    else:  # (B, T, V) in the compute dtype: position P-1+t predicts response token t
         out = vlm_forward(model, batch, position_ids, logits_to_keep=T + 1, use_cache=False)
-        logits = out.logits[:, :-1].float()  # (B, T, V): position P-1+t predicts response token t
-    if banned_ids:
-        bias = torch.zeros(logits.shape[-1], device=logits.device)
-        bias[list(banned_ids)] = -100.0
-        logits = logits + bias
-    logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, batch["response_ids"].unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(batch["response_mask"].bool(), logp, torch.zeros_like(logp))
+        logits = out.logits[:, :-1]
+    return response_logprobs(logits, ids, batch["response_mask"], temperature=temperature,
+                             banned_ids=banned_ids, with_entropy=with_entropy)
+
+
+LOGP_CHUNK_BYTES = 2 ** 28  # float32 logits per chunk: 256 MiB, 110 tokens of 4 rows of V=152064
+
+
+def _sampler_logits(logits, bias, temperature):
+    return (logits.float() + bias) / temperature  # float32: exp and sums over V need its mantissa
+
+
+def _chunk_logp(logits, ids, bias, temperature):  # (B, c, V), (B, c) -> log p(ids) (B, c)
+    logp_all = torch.log_softmax(_sampler_logits(logits, bias, temperature), dim=-1)
+    return logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def response_logprobs(logits, ids, mask, *, temperature=1.0, banned_ids=(), with_entropy=False,
+                      chunk=None):
+    """(B, T, V) logits -> log p(ids) (B, T), 0 where mask is 0 [, entropy (B, T)], as the sampler
+    reports them: (logits + bias) / temperature, the bias -100 on banned (image) tokens as vLLM's
+    logit_bias applies it before its processed log-probs.
+
+    `chunk` tokens at a time (default: LOGP_CHUNK_BYTES of float32). Whole, each float32 copy of a
+    7B's (4, 2048, 152064) logits is 4.6 GiB, several are alive at once and log_softmax's output
+    is kept for backward. Each chunk is checkpointed: backward recomputes its float32 temporaries
+    from the compute-dtype logits, which the model returns anyway."""
+    B, T, V = logits.shape
+    chunk = chunk or max(1, LOGP_CHUNK_BYTES // (4 * B * V))
+    bias = torch.zeros(V, device=logits.device)
+    bias[list(banned_ids)] = -100.0
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    parts = []  # split, not slices: backward then makes one (B, T, V) gradient, not one per chunk
+    for x, i in zip(logits.split(chunk, 1), ids.split(chunk, 1)):
+        args = (_chunk_logp, x, i, bias, temperature)
+        parts.append(checkpoint(*args, use_reentrant=False, preserve_rng_state=False) if grad else
+                     _chunk_logp(*args[1:]))
+    logp = torch.where(mask.bool(), torch.cat(parts, 1), 0.0)
     if not with_entropy:
         return logp
-    with torch.no_grad():
-        entropy = grpo.token_entropy(logits)  # of the sampling distribution, for logging
-    return logp, entropy
+    with torch.no_grad():  # of the sampling distribution, for logging
+        entropy = [grpo.token_entropy(_sampler_logits(x, bias, temperature))
+                   for x in logits.split(chunk, 1)]
+    return logp, torch.cat(entropy, 1)
 
 
 # ----------------------------------------------------------------------------- saving
@@ -470,10 +530,18 @@ def save_lora_adapter(model, out_dir, *, rank):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)  # a file, or a folder: its entries (new files, renames) too
+    os.fsync(fd)
+    os.close(fd)
+
+
 def save_checkpoint(path, model, optimizer, extra, *, rank):
-    """Sharded model + optimizer (torch.distributed.checkpoint: each rank writes its own shards) and
-    this rank's `extra` (step, data position, RNG states). Written to `path.tmp` and renamed when
-    every rank is done, so a crash mid-save never leaves a folder that looks complete."""
+    """Sharded model + optimizer (torch.distributed.checkpoint: each rank writes its own shards),
+    this rank's `extra` (step, data position, RNG states, as plain data and tensors) and
+    checkpoint.json (world size, file sizes). Written to `path.tmp`, fsynced and renamed when every
+    rank is done, so a crash mid-save never leaves a folder that looks complete. An existing `path`
+    (a rerun, a resume from an older step) is replaced."""
     import shutil
 
     import torch.distributed.checkpoint as dcp
@@ -484,27 +552,91 @@ def save_checkpoint(path, model, optimizer, extra, *, rank):
         shutil.rmtree(tmp)  # the remains of a save that crashed
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)  # fsyncs its files
     torch.save(extra, os.path.join(tmp, f"extra_rank{rank}.pt"))
+    _fsync(os.path.join(tmp, f"extra_rank{rank}.pt"))
     if rank == 0 and getattr(model, "lora", None):  # export_checkpoint rebuilds the adapters from it
         with open(os.path.join(tmp, "lora.json"), "w") as f:
             json.dump(model.lora, f)
+        _fsync(os.path.join(tmp, "lora.json"))
     dist.barrier()
     if rank == 0:
+        files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
+            json.dump({"world_size": dist.get_world_size(), "files": files}, f)
+        _fsync(os.path.join(tmp, "checkpoint.json"))
+        _fsync(tmp)
+        if os.path.exists(path):
+            shutil.rmtree(path)
         os.rename(tmp, path)
+        _fsync(os.path.dirname(os.path.abspath(path)))
     dist.barrier()
+
+
+def checkpoint_problem(path, world_size=None):
+    """What keeps `path` from being a whole save_checkpoint folder (of `world_size` ranks if
+    given), naming the folder and file; None if nothing. Cheap, no tensor is read: every file must
+    have its size in checkpoint.json, and DCP's .metadata, which DCP reads with a plain
+    pickle.load, may name only the classes DCP writes there, so a crafted one runs nothing. Another
+    world size is refused: each rank's extra state (data position, RNGs) is its own."""
+    import pathlib
+    import pickle
+
+    import torch.distributed.checkpoint.filesystem as fs
+    import torch.distributed.checkpoint.metadata as md
+
+    here = md.__name__  # the dataclasses and enums DCP defines for its metadata
+    safe = {(here, k) for k, v in vars(md).items() if getattr(v, "__module__", 0) == here}
+    safe |= {(fs.__name__, "_StorageInfo"), ("torch.serialization", "_get_layout")}
+    dtypes = {k for k, v in vars(torch).items() if isinstance(v, torch.dtype)}
+    safe |= {("torch", k) for k in dtypes | {"Size"}}
+    safe |= {(c.__module__, c.__name__) for c in (pathlib.PosixPath, pathlib.WindowsPath)}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in safe:
+                raise pickle.UnpicklingError(f"{module}.{name} may not be in checkpoint metadata")
+            return super().find_class(module, name)
+
+    name = "checkpoint.json"
+    try:
+        with open(os.path.join(path, name)) as f:
+            saved = json.load(f)
+        ranks = saved["world_size"]
+        for name, size in saved["files"].items():
+            if (got := os.path.getsize(os.path.join(path, name))) != size:
+                return f"checkpoint {path}: {name} has {got} bytes, {size} when saved"
+        name = ".metadata"
+        with open(os.path.join(path, name), "rb") as f:
+            Unpickler(f).load()
+    except Exception as e:  # a missing file, bad JSON, a refused pickle: the folder is unusable
+        return f"checkpoint {path}: {name}: {'missing' if isinstance(e, FileNotFoundError) else e}"
+    if world_size not in (None, ranks):
+        return f"checkpoint {path} was saved by {ranks} ranks, not {world_size}"
+    return None
 
 
 def load_checkpoint(path, model, optimizer, *, rank):
-    """Restore what save_checkpoint wrote, in place; returns this rank's `extra`."""
+    """Restore what save_checkpoint wrote, in place; returns this rank's `extra`. A
+    checkpoint_problem is a ValueError, before anything loads. No pickle runs code."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    class WeightsOnlyPlanner(dcp.DefaultLoadPlanner):
+        # DCP unpickles non-tensor entries (lr, betas) with weights_only=False: check them first
+        def load_bytes(self, read_item, value):
+            torch.load(value, weights_only=True)
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    if problem := checkpoint_problem(path, dist.get_world_size()):
+        raise ValueError(problem)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return torch.load(os.path.join(path, f"extra_rank{rank}.pt"), weights_only=False)
+    dcp.load(state, checkpoint_id=path, planner=WeightsOnlyPlanner())
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    return torch.load(os.path.join(path, f"extra_rank{rank}.pt"), weights_only=True)
 
 
 def export_checkpoint(ckpt_dir, model_path, out_dir, *, dtype=torch.float32):
@@ -514,15 +646,16 @@ def export_checkpoint(ckpt_dir, model_path, out_dir, *, dtype=torch.float32):
     is the model the run started from: it gives the config, the processor and the tensors to fill.
     A LoRA run's checkpoint (it holds lora.json) is exported with the adapters merged in."""
     import torch.distributed.checkpoint as dcp
-    from transformers import AutoProcessor
 
     model = load_model(model_path, dtype=dtype)
     if os.path.exists(os.path.join(ckpt_dir, "lora.json")):
         with open(os.path.join(ckpt_dir, "lora.json")) as f:
             apply_lora(model, **json.load(f))
+    if problem := checkpoint_problem(ckpt_dir):  # before DCP unpickles its metadata
+        raise ValueError(problem)
     dcp.load({"model": model.state_dict()}, checkpoint_id=ckpt_dir, no_dist=True)  # in place, into the model
     model.save_pretrained(out_dir, state_dict=hf_state_dict(model, model.state_dict()))
-    AutoProcessor.from_pretrained(model_path).save_pretrained(out_dir)
+    load_processor(model_path).save_pretrained(out_dir)
     return out_dir
 
 

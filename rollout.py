@@ -25,15 +25,25 @@ def banned_token_ids(tokenizer):
     return [tokenizer.convert_tokens_to_ids(t) for t in BANNED_TOKENS]
 
 
-def make_engine(model_path, *, world_size, tp=1, dtype="float32", seed=0, max_model_len=4096,
-                kv_cache_bytes=None, gpu_memory_utilization=0.5, enforce_eager=True, max_images=1, sleep_mode=False):
-    """One vLLM engine per rank. Under torchrun `external_launcher` builds vLLM's groups from the
+def make_engine(model_path, **options):
+    """vllm.LLM(**engine_args(model_path, **options)): one engine per rank, in this process."""
+    from vllm import LLM
+
+    return LLM(**engine_args(model_path, **options))
+
+
+def engine_args(model_path, *, world_size, tp=1, dtype="float32", seed=0, max_model_len=4096,
+                kv_cache_bytes=None, gpu_memory_utilization=0.5, enforce_eager=True, max_images=1, sleep_mode=False,
+                min_pixels=None, max_pixels=None):
+    """The engine's settings. Under torchrun `external_launcher` builds vLLM's groups from the
     torch.distributed world, which must already be initialised (else vLLM makes a world of one and
     rank 1 dies in gloo). TP groups are blocks of `tp` consecutive ranks that must be fed identical
     prompts and seeds. load_format="dummy": weights arrive through sync_weights only. sleep_mode
     (CUDA only: vLLM raises on other platforms, vllm/platforms/interface.py:231-236) lets `sleep`
-    hand the engine's GPU memory to the trainer between rollouts."""
-    from vllm import LLM
+    hand the engine's GPU memory to the trainer between rollouts. min_pixels / max_pixels: the
+    image bounds the trainer's processor uses; vLLM also sizes its encoder budget (and so the KV
+    cache left over) for the largest image these allow, not the processor's default 12.8 M pixels
+    (vllm/model_executor/models/qwen2_vl.py, get_image_size_with_most_features)."""
 
     kwargs = dict(model=model_path, dtype=dtype, load_format="dummy", seed=seed, tensor_parallel_size=tp,
                   max_model_len=max_model_len, enforce_eager=enforce_eager,
@@ -46,6 +56,8 @@ def make_engine(model_path, *, world_size, tp=1, dtype="float32", seed=0, max_mo
                   # image embedding is then wrong (0.2 nats off on the tiny model). Normalising on
                   # the host, as the HF processor does, removes the buffers.
                   mm_device_do_normalize=False)
+    if min_pixels and max_pixels:
+        kwargs["mm_processor_kwargs"] = dict(min_pixels=min_pixels, max_pixels=max_pixels)
     if not torch.cuda.is_available():
         # A partly prefilled request rewinds its seeded generator with set_offset, which CPU
         # generators lack ("CPU Generator does not use offset", gpu_model_runner.py:3502 in 0.32.0):
@@ -59,7 +71,7 @@ def make_engine(model_path, *, world_size, tp=1, dtype="float32", seed=0, max_mo
         kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
     else:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-    return LLM(**kwargs)
+    return kwargs
 
 
 def generate(engine, prompts, *, n, temperature, top_p=1.0, max_tokens, seed, banned_ids):
@@ -131,14 +143,26 @@ def sync_weights(engine, model):
     asleep = engine.llm_engine.is_sleeping()
     if asleep:  # the documented RL order (vLLM PR #28357, TRL PR #4571): weights, reload, then KV cache
         engine.wake_up(tags=["weights"])
+    # Tied embeddings (Qwen2.5-VL-3B): named_parameters() names the shared weight once (embed).
+    # vLLM's lm_head shares it (vllm/model_executor/models/qwen2.py:486-487) but on CPU computes
+    # logits from its own packed copy (layers/vocab_parallel_embedding.py:67-71, layers/utils.py:
+    # 470-603), which a reload without lm_head.weight never refreshes (model_loader/reload/
+    # layerwise.py:255-267; 1.37 nats off): send that name too. On CUDA the head reads the shared
+    # weight itself (layers/utils.py:83-89), and the second name costs one more in-place copy.
+    aliases, first = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name:
+            aliases.setdefault(first[id(p)], []).append(name)
 
     def weights():
         import model as modeling
 
         for name, tensor in modeling.hf_named(model, full_weights(model)):  # LoRA: base + scale * B @ A
-            # Activation checkpointing and torch.compile wrap modules; vLLM knows only the HF names.
-            name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-            yield name, tensor.detach().to(dtype)
+            tensor = tensor.detach().to(dtype)
+            for name in (name, *aliases.get(name, ())):
+                # Activation checkpointing and torch.compile wrap modules; vLLM knows only HF names.
+                name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+                yield name, tensor
 
     with torch.no_grad():
         engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
