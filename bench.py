@@ -110,8 +110,9 @@ def model_bench(args):
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
-    dist.init_process_group("cuda:nccl,cpu:gloo" if cuda and args.cpu_offload else "nccl" if cuda else "gloo",
-                            rank=0, world_size=1)
+    import train
+
+    dist.init_process_group(train.process_group_backend(device.type), rank=0, world_size=1)
     text = dict(SHAPES[args.model])
     tie = text.pop("tie")
     if args.layers:  # fewer layers, for a quick check on a small machine

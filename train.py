@@ -10,7 +10,9 @@ reference log-probs, takes the clipped-surrogate update(s) through FSDP2, and pu
 weights into its engine. Simplifications, on purpose: groups never cross ranks (each rank samples
 whole groups), no padding-free packing, no dynamic batching, synchronous rollouts.
 """
+import atexit
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -18,6 +20,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -117,22 +120,27 @@ class Config:
     max_steps: int = 60
     seed: int = 1
     # --- validation and output ---
-    val_freq: int = 5  # validate every val_freq steps (and before the first and after the last)
+    val_freq: int = 5  # validate every val_freq steps, 0 = never in between (always before and after: --val_data="" for none)
     val_temperature: float = 0.6  # 0 = greedy
     val_top_p: float = 0.95
     val_max_prompts: int = 0  # 0 = the whole validation set
     save_hf: bool = True  # write out_dir/hf at the end
     save_freq: int = 0  # checkpoint (model, optimizer, data position, RNG) every save_freq steps; 0 = never
-    save_limit: int = 2  # keep the newest save_limit checkpoints
+    save_limit: int = 2  # keep the newest save_limit checkpoints; <= 0 = keep all
     resume: str = ""  # "auto" = the newest checkpoint in out_dir/checkpoints, or a checkpoint folder
+    max_bad_steps: int = 3  # stop (after a checkpoint) when this many steps in a row skipped every update
+    # --- memory plan (memplan.py) ---
+    dry_run: bool = False  # print the memory plan of this run per rank and phase, then exit: nothing loads
+    gpu_memory_gib: float = 0.0  # the GPU size the plan assumes; 0 = the visible GPU's, else 79.2 (an "80 GB" card)
+    memory_check: bool = True  # CUDA: refuse to start when the plan says the run does not fit
     # --- tiny default ---
     warm_start_steps: int = 150  # SFT steps that teach the tiny random model the answer format (random answers)
     warm_start_grounded_steps: int = 30  # then SFT steps on the true answers, stopped while accuracy is at chance
 
 
 # The tiny default: what `python train.py` runs on a laptop CPU. Applied only when model_path is
-# "tiny" or the training data is the synthetic task (e.g. GRPO from an SFT stage's tiny model), and
-# only to the flags the user did not set; the dataclass keeps the seed's GPU recipe.
+# "tiny", and only to the flags the user did not set: its sizes and learning rate are the tiny
+# model's, so a real model keeps the seed's GPU recipe even on the synthetic data.
 TINY = dict(lr=1e-3, weight_decay=0.0, min_pixels=56 * 56, max_pixels=112 * 112, max_prompt_length=512,
             rollout_batch_size=32, global_batch_size=16, micro_batch_size=40, hf_batch_size=160,
             max_response_length=24, max_steps=120, val_freq=20, vllm_kv_cache_mb=64, vllm_enforce_eager=True)
@@ -170,14 +178,53 @@ def parse_flags(argv):
             except ValueError:
                 raise SystemExit(f"--{name} takes a {kind.__name__}, not {value!r}")
         i += 1
-    if given.get("model_path", Config.model_path) == "tiny" or given.get("train_data", Config.train_data).startswith("synthetic"):
+    if given.get("model_path", Config.model_path) == "tiny":
         given = {**TINY, **given}
-    return Config(**given)
+    return check_flags(Config(**given))
+
+
+CHOICES = dict(sampler=("vllm", "hf"), algo=("grpo", "sft", "mpo"), adv_estimator=("grpo", "rloo"),
+               ratio_level=("token", "sequence", "sequence_token"), kl_estimator=("k1", "k2", "k3", "abs"),
+               loss_agg=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"),
+               mismatch_correction=("none", "token", "sequence"), master_dtype=("float32", "bfloat16"),
+               vllm_dtype=("auto", "float32", "bfloat16", "float16"))
+# Sizes that must be at least this; a zero or negative one would fail deep inside a step.
+AT_LEAST = dict(num_generations=2, rollout_batch_size=1, global_batch_size=1, micro_batch_size=1,
+                max_response_length=1, max_prompt_length=1, max_steps=1, min_pixels=1, vllm_tp=1,
+                max_sample_tries=1, sft_batch_size=1, max_bad_steps=1, hf_batch_size=0, val_freq=0, save_freq=0,
+                lora_rank=0, vllm_kv_cache_mb=0, val_max_prompts=0, chord_decay_steps=1, chord_warmup_steps=0,
+                reward_timeout=1e-3, mismatch_cap=1.0, lr=0.0, kl_coef=0.0, gpu_memory_gib=0.0)
+
+
+def check_flags(cfg):
+    """Every flag checked before anything loads, the flag named in the message (a mistake found
+    after a 7B has loaded costs minutes)."""
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"--{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
+    for name, low in AT_LEAST.items():
+        if getattr(cfg, name) < low:
+            raise SystemExit(f"--{name} must be at least {low}, not {getattr(cfg, name)}")
+    if cfg.rollout_batch_size % cfg.global_batch_size:
+        raise SystemExit(f"--rollout_batch_size={cfg.rollout_batch_size} must be a multiple of "
+                         f"--global_batch_size={cfg.global_batch_size}")
+    if cfg.max_pixels < cfg.min_pixels:
+        raise SystemExit(f"--max_pixels={cfg.max_pixels} is below --min_pixels={cfg.min_pixels}")
+    if cfg.temperature <= 0:  # log-probs are taken at the sampling temperature: logits / 0
+        raise SystemExit(f"--temperature must be above 0, not {cfg.temperature} (greedy validation: "
+                         "--val_temperature=0)")
+    for name in ("top_p", "val_top_p", "vllm_gpu_memory_utilization"):
+        if not 0 < getattr(cfg, name) <= 1:
+            raise SystemExit(f"--{name} must be above 0 and at most 1, not {getattr(cfg, name)}")
+    if not 0 <= cfg.lora_dropout < 1 or cfg.val_temperature < 0:
+        raise SystemExit("--lora_dropout must lie in [0, 1) and --val_temperature be at least 0")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- tiny default
-def prepare_tiny(cache_dir, *, warm_start_steps, grounded_steps, seed=0):
-    """Build the tiny model and the synthetic data if absent; returns (model_dir, data_dir).
+def prepare_tiny(cache_dir, *, warm_start_steps, grounded_steps, seed=0, with_model=True):
+    """Build the synthetic data and (with_model) the tiny model if absent; returns (model_dir, data_dir),
+    model_dir None without the model.
 
     A random model never writes `\\boxed{}`, so RL would see zero reward forever: a short SFT
     warm-start (see warm_start) teaches the format and leaves accuracy at chance; every point of
@@ -187,6 +234,8 @@ def prepare_tiny(cache_dir, *, warm_start_steps, grounded_steps, seed=0):
     model_dir = os.path.join(cache_dir, f"model-ws{warm_start_steps}-g{grounded_steps}")  # one per warm-start recipe
     if not all(os.path.exists(os.path.join(data_dir, f)) for f in ("sft.parquet", "sft.jsonl", "pref.jsonl")):
         data.make_synthetic(data_dir, seed=seed)
+    if not with_model:
+        return None, data_dir
     if os.path.exists(os.path.join(model_dir, "config.json")):
         return model_dir, data_dir
     rng = random.Random(seed)
@@ -236,6 +285,15 @@ def warm_start(model_dir, data_dir, out_dir, *, steps, grounded_steps, seed, bat
 
 
 # ----------------------------------------------------------------------------- helpers
+def process_group_backend(device_type):
+    """The backend for init_process_group. A bare "nccl" serves CUDA tensors only (torch maps a
+    backend to its own devices, distributed_c10d.py), yet the metrics, counts and checkpoint
+    metadata reduced here are host tensors: on GPUs gloo serves the CPU side (verl and torchtitan do
+    the same). Moving each metric to the GPU instead would add a copy and a sync per reduction, and
+    DCP and the object collectives pick their tensors' device themselves."""
+    return "cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo"
+
+
 def all_reduce(values, op=dist.ReduceOp.SUM):
     """Reduce a dict of floats over all ranks (one collective)."""
     keys = sorted(values)
@@ -360,6 +418,81 @@ def mpo_step(policy, optimizer, pairs, cfg, *, delta, world_size, device, pad_id
     return stats
 
 
+def claim_out_dir(out_dir):
+    """One run per out_dir: out_dir/run.lock holds the owner's pid and host; a second run stops here.
+    A lock left by a run that died on this host (its pid is gone) is taken over. Rank 0 only."""
+    lock, me = os.path.join(out_dir, "run.lock"), f"{os.getpid()} {socket.gethostname()}"
+    while True:
+        try:
+            with open(lock, "x") as f:
+                f.write(me)
+            return lock
+        except FileExistsError:
+            pid, _, host = open(lock).read().partition(" ")
+            if host != socket.gethostname() or not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+                raise SystemExit(f"{out_dir} is in use by the run with pid {pid} on {host} (lock file "
+                                 f"{lock}; delete it if that run is over)")
+            os.remove(lock)  # its owner is dead
+
+
+def checkpoint_steps(ckpt_root):
+    """The step numbers of the step_N folders in ckpt_root, oldest first."""
+    names = os.listdir(ckpt_root) if os.path.isdir(ckpt_root) else []
+    return sorted(int(d[5:]) for d in names if re.fullmatch(r"step_\d+", d))
+
+
+def find_checkpoint(resume, ckpt_root, world_size, say=print):
+    """The folder to resume from ("" = a fresh start): `resume` itself, or for "auto" the newest
+    whole checkpoint in ckpt_root, naming each damaged one it skips. A checkpoint of another world
+    size is refused: each rank's data position and RNGs are its own."""
+    if resume != "auto":
+        candidates = [resume]
+    else:
+        candidates = [os.path.join(ckpt_root, f"step_{n}") for n in reversed(checkpoint_steps(ckpt_root))]
+    for path in candidates:
+        if problem := modeling.checkpoint_problem(path):
+            if resume != "auto":
+                raise SystemExit(f"--resume={resume}: {problem}")
+            say(f"--resume=auto: skipping {path}: {problem}")
+        elif problem := modeling.checkpoint_problem(path, world_size):
+            raise SystemExit(f"--resume: {problem}; resume on that many ranks")
+        else:
+            return path
+    return ""
+
+
+def rewind_out_dir(out_dir, step):
+    """Make out_dir's history end at `step` (the resumed step, 0 for a fresh start): metrics.jsonl
+    keeps only records up to it, and checkpoints after it (a rollback with --resume=<older step>)
+    are deleted, saying so, or the newest-first pruning would keep them and drop the new ones.
+    (main refuses a fresh start into an out_dir that has checkpoints before anything loads.)"""
+    ckpt_root, metrics = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
+    for n in [n for n in checkpoint_steps(ckpt_root) if n > step]:
+        print(f"rewinding to step {step}: deleting {ckpt_root}/step_{n}", flush=True)
+        shutil.rmtree(os.path.join(ckpt_root, f"step_{n}"))
+    if os.path.exists(metrics):
+        kept = [line for line in open(metrics) if json.loads(line)["step"] <= step]
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics + ".tmp", metrics)
+
+
+def on_rank0(fn, *args, rank):
+    """fn(*args) on rank 0, its SystemExit raised on every rank (the others would wait forever in
+    their next collective for a rank that has gone); returns fn's result on rank 0, None elsewhere."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn(*args)
+        except SystemExit as e:
+            error = str(e)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise SystemExit(box[0])
+    return result
+
+
 def peak_memory_gb():
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -367,8 +500,6 @@ def peak_memory_gb():
 
 
 def main(cfg):
-    if cfg.algo not in ("grpo", "sft", "mpo"):
-        raise SystemExit(f"--algo must be grpo, sft or mpo, not {cfg.algo!r}")
     if cfg.algo != "grpo":  # offline losses are log-likelihoods of the data: no sampling temperature
         cfg = dataclasses.replace(cfg, temperature=1.0)
 
@@ -382,42 +513,76 @@ def main(cfg):
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     master_process = rank == 0
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    # Before vLLM: it builds its groups from this world. With CPU offload the grad-norm all-reduce runs
-    # on host tensors, which NCCL cannot take: gloo serves the CPU side (as torchtitan does).
-    backend = ("cuda:nccl,cpu:gloo" if cfg.cpu_offload or cfg.ref_cpu_offload else "nccl") if use_cuda else "gloo"
-    dist.init_process_group(backend)
-    mesh = init_device_mesh(device.type, (world_size,))
 
     def print0(*args):
         if master_process:
             print(*args, flush=True)
 
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    # Before vLLM: it builds its groups from this world. The timeout covers rank 0 reading (or
+    # downloading) the weights alone while the others wait in the broadcast: NCCL's default is 10 min.
+    dist.init_process_group(process_group_backend(device.type), timeout=datetime.timedelta(minutes=60))
+    mesh = init_device_mesh(device.type, (world_size,))
+    tp = cfg.vllm_tp if cfg.sampler == "vllm" else 1
+    for name in ("global_batch_size", "rollout_batch_size"):  # before anything loads (minutes on a 7B)
+        if getattr(cfg, name) % world_size:
+            raise SystemExit(f"--{name}={getattr(cfg, name)} must be a multiple of the world size {world_size}")
+    if world_size % tp:
+        raise SystemExit(f"--vllm_tp={tp} must divide the world size {world_size}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if not os.access(cfg.out_dir, os.W_OK):
+        raise SystemExit(f"--out_dir={cfg.out_dir} is not writable")
+    lock = on_rank0(claim_out_dir, cfg.out_dir, rank=rank)
+    if lock:
+        atexit.register(os.remove, lock)
+    ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
+    resume_from = find_checkpoint(cfg.resume, ckpt_root, world_size, say=print0) if cfg.resume else ""
+    if not resume_from and checkpoint_steps(ckpt_root):
+        raise SystemExit(f"{ckpt_root} holds checkpoints {checkpoint_steps(ckpt_root)}: --resume=auto continues "
+                         "from the newest; to start over, use another --out_dir or delete them")
+
     # --- model, data, sampler ---
     # "tiny" and "synthetic..." name the CPU default, built once (by rank 0) in cache_dir.
     specs = {"model": cfg.model_path, "train": cfg.train_data, "val": cfg.val_data, "sft": cfg.sft_data}
     if cfg.model_path == "tiny" or any(v.startswith("synthetic") for v in specs.values()):
+        tiny = dict(warm_start_steps=cfg.warm_start_steps, grounded_steps=cfg.warm_start_grounded_steps,
+                    with_model=cfg.model_path == "tiny")  # a real model on synthetic data: data only
         if master_process:  # cache_dir, like out_dir, must be on a filesystem every node sees
-            prepare_tiny(cfg.cache_dir, warm_start_steps=cfg.warm_start_steps,
-                         grounded_steps=cfg.warm_start_grounded_steps)
+            prepare_tiny(cfg.cache_dir, **tiny)
         dist.barrier()  # the other ranks wait, then take the same (already built) paths
-        tiny_model, tiny_data = prepare_tiny(cfg.cache_dir, warm_start_steps=cfg.warm_start_steps,
-                                             grounded_steps=cfg.warm_start_grounded_steps)
+        tiny_model, tiny_data = prepare_tiny(cfg.cache_dir, **tiny)
         specs = {k: tiny_model if v == "tiny" else tiny_data + v[len("synthetic"):] if v.startswith("synthetic") else v
                  for k, v in specs.items()}
     model_path, train_spec, val_spec = specs["model"], specs["train"], specs["val"]
     print0(f"model {model_path} | train {train_spec} | val {val_spec} | world {world_size} on {device.type}")
+    if cfg.dry_run or use_cuda and cfg.memory_check:  # from the config alone, before any weights load
+        import memplan
+
+        gib = cfg.gpu_memory_gib or (torch.cuda.get_device_properties(device).total_memory / 2**30
+                                     if use_cuda else memplan.DEFAULT_GPU_GIB)
+        table, fits = memplan.plan_from_config(dataclasses.replace(cfg, model_path=model_path), world_size, gib)
+        print0(table)
+        if cfg.dry_run:
+            dist.destroy_process_group()
+            return
+        if not fits:
+            raise SystemExit("the memory plan above says this run does not fit; change the flags it names "
+                             "(--memory_check=false starts it anyway)")
+    format_prompt = None if cfg.format_prompt == "none" else data.MATH_FORMAT_PROMPT
+    if cfg.format_prompt not in ("none", ""):
+        with open(cfg.format_prompt) as f:
+            format_prompt = data.check_format_prompt(f.read(), cfg.format_prompt)
     torch.manual_seed(cfg.seed)
-    processor = AutoProcessor.from_pretrained(model_path)
+    # The run's pixel bounds in the processor too (and in vLLM's, below): data.py resizes into them,
+    # and the processor's rounding to 28-px units must then agree on both sides.
+    processor = modeling.load_processor(model_path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     tokenizer = processor.tokenizer
     # Built on the meta device, read by rank 0 only and broadcast; bf16 compute on GPU with fp32
     # gradient reduction, through FSDP2's mixed-precision policy.
     compute_dtype = torch.bfloat16 if use_cuda else torch.float32
-    if cfg.master_dtype not in ("float32", "bfloat16"):
-        raise SystemExit(f"--master_dtype must be float32 or bfloat16, not {cfg.master_dtype!r}")
     master_dtype = getattr(torch, cfg.master_dtype)
     fsdp = dict(param_dtype=compute_dtype, reduce_dtype=torch.float32, reshard_after_forward=cfg.reshard_after_forward)
     lora = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed,
@@ -428,16 +593,15 @@ def main(cfg):
     policy.eval()  # train() only inside the updates: LoRA dropout must not touch old log-probs or sampling
     ref = None
     if cfg.algo == "mpo" or cfg.algo == "grpo" and cfg.kl_coef > 0:  # the KL / MPO anchor; else never built
-        ref = modeling.load_fsdp_model(model_path, mesh, rank=rank, cpu_offload=cfg.ref_cpu_offload, **fsdp)
+        # Its shards in the compute dtype: it is never updated and computes in that dtype anyway
+        # (bf16 on GPUs: half the memory of float32 shards, the same log-probs).
+        ref = modeling.load_fsdp_model(model_path, mesh, rank=rank, master_dtype=compute_dtype,
+                                       cpu_offload=cfg.ref_cpu_offload, **fsdp)
         ref.requires_grad_(False)
     # Before any forward: after one, FSDP2's root stays gathered and parameters() would hand the optimizer
     # the gathered copies, which it would update in vain. foreach: CUDA's default; on CPU 2.7 vs 9.5 ms a step.
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, foreach=True)
-    format_prompt = None if cfg.format_prompt == "none" else data.MATH_FORMAT_PROMPT
-    if cfg.format_prompt not in ("none", ""):
-        with open(cfg.format_prompt) as f:
-            format_prompt = f.read()
 
     def load_prompts(spec, kind="prompt"):
         prompts, summary = data.load_prompts(spec, processor, format_prompt=format_prompt, min_pixels=cfg.min_pixels,
@@ -456,9 +620,6 @@ def main(cfg):
     image_token_id = policy.config.image_token_id
     # A TP group (tp consecutive ranks, vLLM's layout) samples the same prompts with the same seeds;
     # each of its ranks then trains on its own 1/tp of the groups. dp_rank numbers the TP groups.
-    tp = cfg.vllm_tp if cfg.sampler == "vllm" else 1
-    if world_size % tp:
-        raise SystemExit(f"--vllm_tp={tp} must divide the world size {world_size}")
     dp_rank, tp_rank = rank // tp, rank % tp
     if cfg.sampler == "vllm":
         vllm_dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if use_cuda else "float32")
@@ -466,43 +627,39 @@ def main(cfg):
                                      max_model_len=cfg.max_prompt_length + cfg.max_response_length,
                                      kv_cache_bytes=cfg.vllm_kv_cache_mb << 20,
                                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                                     enforce_eager=cfg.vllm_enforce_eager, sleep_mode=cfg.vllm_sleep_level > 0)
+                                     enforce_eager=cfg.vllm_enforce_eager, sleep_mode=cfg.vllm_sleep_level > 0,
+                                     min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                                     max_images=max([1] + [len(p["images"]) for p in train_prompts + val_prompts]))
 
         def sample(prompts, **kw):
             return rollout.generate(engine, prompts, **kw)
 
         def sync():
             return rollout.sync_weights(engine, policy)
-    elif cfg.sampler == "hf":
+    else:  # hf
         def sample(prompts, **kw):
             batch_size = cfg.hf_batch_size or cfg.micro_batch_size
             return rollout.generate_hf(policy, processor, prompts, batch_size=batch_size, **kw)
 
         def sync():  # the sampler is the policy itself
             return 0.0
-    else:
-        raise SystemExit(f"--sampler must be vllm or hf, not {cfg.sampler!r}")
     # vLLM seeds the global RNGs when it starts; re-seed ours so runs are reproducible.
     torch.manual_seed(cfg.seed + rank)
-    ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
-    resume_from = cfg.resume
-    if resume_from == "auto":
-        done = sorted((int(d[5:]), d) for d in os.listdir(ckpt_root) if re.fullmatch(r"step_\d+", d)) \
-            if os.path.isdir(ckpt_root) else []
-        resume_from = os.path.join(ckpt_root, done[-1][1]) if done else ""
     extra = modeling.load_checkpoint(resume_from, policy, optimizer, rank=rank) if resume_from else None
     if extra:
         print0(f"resumed from {resume_from} (step {extra['step']})")
+        saved = {k: optimizer.param_groups[0][k] for k in ("lr", "weight_decay")}
+        if saved != {"lr": cfg.lr, "weight_decay": cfg.weight_decay}:
+            print0(f"the checkpoint's optimizer had {saved}; this run's --lr={cfg.lr} and "
+                   f"--weight_decay={cfg.weight_decay} apply")
+        for group in optimizer.param_groups:  # this run's flags win over the checkpoint's
+            group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    on_rank0(rewind_out_dir, cfg.out_dir, extra["step"] if extra else 0, rank=rank)
     sync()
 
     G = cfg.num_generations
-    if cfg.rollout_batch_size % (world_size * cfg.global_batch_size // math.gcd(world_size, cfg.global_batch_size)):
-        raise SystemExit("rollout_batch_size must be a multiple of global_batch_size and of the world size")
     prompts_per_rank = cfg.rollout_batch_size // world_size
     updates_per_step = cfg.rollout_batch_size // cfg.global_batch_size
-    if cfg.global_batch_size % world_size:
-        raise SystemExit("global_batch_size must be a multiple of the world size")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master_process else None
 
     def log(record):
@@ -524,8 +681,9 @@ def main(cfg):
     def mean_scores(scores, prefix):
         """{prefix/key: mean} over every numeric key the reward returned (all ranks); prefix/n the count."""
         keys = sorted(k for k, v in scores[0].items() if isinstance(v, (int, float)))
+        scores = [s for s in scores if math.isfinite(s["overall"])]  # a failed reward (counted apart)
         sums = all_reduce({"n": len(scores), **{k: sum(s[k] for s in scores) for k in keys}})
-        out = {f"{prefix}/{k}": sums[k] / sums["n"] for k in keys}
+        out = {f"{prefix}/{k}": sums[k] / max(sums["n"], 1) for k in keys}
         out.setdefault(f"{prefix}/accuracy", out[f"{prefix}/overall"])  # custom rewards may give only overall
         return out, int(sums["n"])
 
@@ -593,7 +751,7 @@ def main(cfg):
         inputs = [{"response": tokenizer.decode(s["response_ids"], skip_special_tokens=True),
                    "ground_truth": s["prompt"]["answer"], **s["prompt"]["row"]} for s in samples]
         scores, stats = reward.score_batch(reward_fn, inputs, timeout_s=cfg.reward_timeout)
-        for k, v in stats.items():
+        for k, v in {**stats, "reward/scored": len(inputs)}.items():
             reward_stats[k] = reward_stats.get(k, 0.0) + v
         timing["time/reward"] += time.perf_counter() - t
         return [(samples[i:i + G], scores[i:i + G]) for i in range(0, len(samples), G)]
@@ -636,6 +794,7 @@ def main(cfg):
             flat = [s for pair in pairs for s in pair]
             for s, r_ in zip(flat, logprobs(ref, flat)):
                 s["ref_logp"] = r_
+            ref.reshard()
             stats = mpo_step(policy, optimizer, pairs, cfg, delta=mpo_state["delta"], world_size=world_size,
                              device=device, pad_id=tokenizer.pad_token_id, banned_ids=banned)
             mean = all_reduce({"r": stats["mpo/reward_mean"]})["r"] / world_size
@@ -655,10 +814,31 @@ def main(cfg):
         modeling.save_checkpoint(os.path.join(ckpt_root, f"step_{step}"), policy, optimizer, state, rank=rank)
         if master_process:
             done = sorted(int(d[5:]) for d in os.listdir(ckpt_root) if re.fullmatch(r"step_\d+", d))
-            for old_step in done[:-cfg.save_limit]:
+            for old_step in done[:-cfg.save_limit] if cfg.save_limit > 0 else []:
                 shutil.rmtree(os.path.join(ckpt_root, f"step_{old_step}"))
 
-    start = 1
+    # SIGTERM (a scheduler's notice before preemption) and Ctrl-C end the run after the current step,
+    # with a checkpoint; a second signal ends it at once.
+    caught = []
+
+    def on_signal(signum, frame):
+        caught.append(signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    def checkpoint_or_stop(step, reason=""):
+        """The step's checkpoint (every save_freq steps), and the end of the run, with a checkpoint, on
+        a signal or a circuit breaker's `reason`. Every rank decides alike (a signal may reach one)."""
+        stop = all_reduce({"stop": float(bool(caught or reason))}, op=dist.ReduceOp.MAX)["stop"]
+        if stop or cfg.save_freq and step % cfg.save_freq == 0:
+            save(step)
+        if stop:
+            raise SystemExit(f"stopped after step {step}: {reason or ' and '.join(caught) or 'a signal on another rank'}"
+                             f"; checkpoint {ckpt_root}/step_{step} (--resume=auto continues from it)")
+
+    start, bad_steps = 1, 0
     if extra:
         start = extra["step"] + 1
         order, cursor, draws = extra["order"], extra["cursor"], extra["draws"]
@@ -672,11 +852,10 @@ def main(cfg):
                      initial=start - 1, total=cfg.max_steps):
         if cfg.algo != "grpo":  # SFT / MPO: no rollouts; the sampler gets the weights only to validate
             log({"step": step, **offline_step(step)})
-            if step % cfg.val_freq == 0 and step != cfg.max_steps:
+            if cfg.val_freq and step % cfg.val_freq == 0 and step != cfg.max_steps:
                 sync()
                 validate(step)
-            if cfg.save_freq and step % cfg.save_freq == 0:
-                save(step)
+            checkpoint_or_stop(step)
             continue
         timing, t0 = {"time/rollout": 0.0, "time/reward": 0.0}, time.perf_counter()
         reward_stats = {}
@@ -712,6 +891,8 @@ def main(cfg):
             s["old_logp"], s["entropy"] = o, e
         for s, r_ in zip(samples, logprobs(ref, samples) if ref is not None else []):
             s["ref_logp"] = r_
+        if ref is not None:  # FSDP2 leaves a root gathered after a no-grad forward (embed + lm_head)
+            ref.reshard()
         timing["time/logprobs"] = time.perf_counter() - t
         # ---------------------------------------------------------------- advantages
         if cfg.kl_in_reward:  # the KL penalty as a cost in the reward (old vs ref), not a loss term
@@ -739,10 +920,9 @@ def main(cfg):
         timing["time/sync"] = sync()
         # ---------------------------------------------------------------- log
         timing["time/step"] = time.perf_counter() - t0
-        groups = rewards.view(-1, G)
         diffs = torch.cat([(s["old_logp"] - s["sampler_logp"]).abs() for s in samples])
         local = {"adv/mean": adv.mean().item(), "adv/std": adv.std().item(),
-                 "adv/abs_mean": adv.abs().mean().item(), "adv/zero_std_groups": (groups.std(1) == 0).float().mean().item(),
+                 "adv/abs_mean": adv.abs().mean().item(), "adv/zero_std_groups": (adv.view(-1, G) == 0).all(1).float().mean().item(),
                  "response/length": sum(len(s["response_ids"]) for s in samples) / len(samples),
                  "response/entropy": torch.cat([s["entropy"] for s in samples]).mean().item(),
                  "rollout/logp_diff_mean": diffs.mean().item(),
@@ -761,25 +941,34 @@ def main(cfg):
                                  op=dist.ReduceOp.MAX))
         for k in [*reward_stats, *counts]:  # counts add up over ranks
             record[k] *= world_size
+        # A non-finite loss or gradient norm skips an update (clip_and_step): counted, and a circuit breaker.
+        record["update/skipped"] = sum(not math.isfinite(u["grad_norm"]) for u in updates)
+        bad_steps = bad_steps + 1 if record["update/skipped"] == updates_per_step else 0
         log({"step": step, **record})
         # ---------------------------------------------------------------- eval
-        if step % cfg.val_freq == 0 and step != cfg.max_steps:
+        if cfg.val_freq and step % cfg.val_freq == 0 and step != cfg.max_steps:
             validate(step)
         # ---------------------------------------------------------------- checkpoint
-        if cfg.save_freq and step % cfg.save_freq == 0:
-            save(step)
+        reason = f"{bad_steps} steps in a row skipped every update (non-finite loss or gradient norm)" \
+            if bad_steps >= cfg.max_bad_steps else ""
+        if record["reward/failed"] + record["reward/timed_out"] >= record["reward/scored"]:
+            reason = f"the reward failed or timed out on every sample of step {step} (see the warnings above)"
+        checkpoint_or_stop(step, reason)
     if cfg.algo != "grpo":
         sync()
     last_val = validate(cfg.max_steps)
     wall = time.perf_counter() - t_start
+    # The same validation with blank images: if the task needs the figure, this falls to chance.
+    blank = validate(cfg.max_steps, blank_images=True) \
+        if first_val and last_val and any(p["images"] for p in val_prompts) else {}
     # ---------------------------------------------------------------- save
+    if cfg.sampler == "vllm":  # CUDA: the save gathers whole tensors; vLLM's memory goes back first
+        rollout.sleep(engine, 1)
     if cfg.save_hf:
         modeling.save_hf(policy, processor, os.path.join(cfg.out_dir, "hf"), rank=rank)  # LoRA: merged
         if cfg.lora_rank:  # and the adapters alone, in PEFT's format
             modeling.save_lora_adapter(policy, os.path.join(cfg.out_dir, "adapter"), rank=rank)
     if first_val and last_val:
-        # The same validation with blank images: if the task needs the figure, this falls to chance.
-        blank = validate(cfg.max_steps, blank_images=True) if any(p["images"] for p in val_prompts) else {}
         print0(f"done: {cfg.max_steps} steps in {wall:.0f}s; val/accuracy {first_val['val/accuracy']:.3f} -> "
                f"{last_val['val/accuracy']:.3f}" + (f" (with blank images: {blank['val_blank/accuracy']:.3f})" if blank else ""))
     dist.barrier()

@@ -27,10 +27,24 @@ def test_flags_parse_both_forms_and_reject_mistakes():
             train.parse_flags(bad)
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--val_freq=-1"], "--val_freq"), (["--sampler=sglang"], "--sampler"), (["--micro_batch_size=0"], "--micro_batch_size"),
+    (["--num_generations=1"], "--num_generations"), (["--temperature=0"], "--temperature"), (["--top_p=1.5"], "--top_p"),
+    (["--rollout_batch_size=10", "--global_batch_size=4"], "--global_batch_size"), (["--max_pixels=10"], "--max_pixels"),
+    (["--algo=ppo"], "--algo"), (["--master_dtype=float16"], "--master_dtype"), (["--loss_agg=sum"], "--loss_agg")])
+def test_bad_flag_values_are_refused_at_parse_time_by_name(flags, named):
+    with pytest.raises(SystemExit) as e:
+        train.parse_flags(flags)
+    assert named in str(e.value)
+
+
 def test_tiny_default_overrides_only_unset_flags():
     cfg = train.parse_flags(["--lr=0.5"])
     assert cfg.model_path == "tiny" and cfg.lr == 0.5
     assert cfg.rollout_batch_size == train.TINY["rollout_batch_size"] != train.Config.rollout_batch_size
+    # A real model on the default (synthetic) data keeps the seed recipe: the tiny sizes are the tiny model's.
+    real = train.parse_flags(["--model_path=Qwen/Qwen2.5-VL-7B-Instruct"])
+    assert real.train_data.startswith("synthetic") and real == train.Config(model_path=real.model_path)
 
 
 def test_readme_flags_table_matches_config():
@@ -211,7 +225,9 @@ def test_sft_then_grpo_and_mpo_share_the_sft_term(tmp_path):
     assert sft_out.joinpath("hf", "config.json").exists()
     sft_steps = [json.loads(line) for line in open(sft_out / "metrics.jsonl") if "loss/sft" in line]
     assert [r["step"] for r in sft_steps] == [1, 2] and all(r["grad_norm"] > 0 for r in sft_steps)
-    _, grpo_steps, _, stdout = run_train(tmp_path, 1, "grpo", f"--model_path={sft_out / 'hf'}", "--max_steps=1")
+    tiny = [f"--{k}={train.TINY[k]}" for k in ("lr", "min_pixels", "max_pixels", "max_prompt_length",
+                                                "vllm_kv_cache_mb", "vllm_enforce_eager")]  # not the tiny model's name
+    _, grpo_steps, _, stdout = run_train(tmp_path, 1, "grpo", f"--model_path={sft_out / 'hf'}", "--max_steps=1", *tiny)
     assert "model " + str(sft_out / "hf") in stdout and grpo_steps[0]["rollout/logp_diff_max"] < 1e-4
     mpo_out, _, _, _ = run_train(tmp_path, 2, "mpo", "--algo=mpo", "--train_data=synthetic/pref.jsonl", *offline)
     mpo = [json.loads(line) for line in open(mpo_out / "metrics.jsonl") if "mpo/loss_dpo" in line]
