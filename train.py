@@ -138,9 +138,9 @@ class Config:
     warm_start_grounded_steps: int = 30  # then SFT steps on the true answers, stopped while accuracy is at chance
 
 
-# The tiny default: what `python train.py` runs on a laptop CPU. Applied only when model_path is
-# "tiny", and only to the flags the user did not set: its sizes and learning rate are the tiny
-# model's, so a real model keeps the seed's GPU recipe even on the synthetic data.
+# The tiny default: what `python train.py` runs on a laptop CPU. Applied only to the tiny model (or
+# a folder trained from it, e.g. an SFT stage's out_dir/hf), and only to the flags the user did not
+# set: its sizes and learning rate are the tiny model's; a real model keeps the seed's GPU recipe.
 TINY = dict(lr=1e-3, weight_decay=0.0, min_pixels=56 * 56, max_pixels=112 * 112, max_prompt_length=512,
             rollout_batch_size=32, global_batch_size=16, micro_batch_size=40, hf_batch_size=160,
             max_response_length=24, max_steps=120, val_freq=20, vllm_kv_cache_mb=64, vllm_enforce_eager=True)
@@ -178,9 +178,18 @@ def parse_flags(argv):
             except ValueError:
                 raise SystemExit(f"--{name} takes a {kind.__name__}, not {value!r}")
         i += 1
-    if given.get("model_path", Config.model_path) == "tiny":
+    if is_tiny(given.get("model_path", Config.model_path)):
         given = {**TINY, **given}
     return check_flags(Config(**given))
+
+
+def is_tiny(model_path):
+    """"tiny", or a local folder with the tiny model's vocabulary (1,024 tokens; Qwen's has 151,665)."""
+    config = os.path.join(model_path, "config.json")
+    if model_path == "tiny" or not os.path.isfile(config):
+        return model_path == "tiny"
+    config = json.load(open(config))
+    return 0 < config.get("text_config", config).get("vocab_size", 0) <= 1024
 
 
 CHOICES = dict(sampler=("vllm", "hf"), algo=("grpo", "sft", "mpo"), adv_estimator=("grpo", "rloo"),
@@ -471,7 +480,8 @@ def rewind_out_dir(out_dir, step):
         print(f"rewinding to step {step}: deleting {ckpt_root}/step_{n}", flush=True)
         shutil.rmtree(os.path.join(ckpt_root, f"step_{n}"))
     if os.path.exists(metrics):
-        kept = [line for line in open(metrics) if json.loads(line)["step"] <= step]
+        # A line cut short by a kill mid-write ends with no newline: it is dropped too.
+        kept = [line for line in open(metrics) if line.endswith("\n") and json.loads(line)["step"] <= step]
         with open(metrics + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(metrics + ".tmp", metrics)
@@ -535,18 +545,21 @@ def main(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     if not os.access(cfg.out_dir, os.W_OK):
         raise SystemExit(f"--out_dir={cfg.out_dir} is not writable")
-    lock = on_rank0(claim_out_dir, cfg.out_dir, rank=rank)
+    lock = on_rank0(claim_out_dir, cfg.out_dir, rank=rank) if not cfg.dry_run else None
     if lock:
-        atexit.register(os.remove, lock)
+        atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
     ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
     resume_from = find_checkpoint(cfg.resume, ckpt_root, world_size, say=print0) if cfg.resume else ""
-    if not resume_from and checkpoint_steps(ckpt_root):
+    if not resume_from and checkpoint_steps(ckpt_root) and not cfg.dry_run:
         raise SystemExit(f"{ckpt_root} holds checkpoints {checkpoint_steps(ckpt_root)}: --resume=auto continues "
                          "from the newest; to start over, use another --out_dir or delete them")
 
     # --- model, data, sampler ---
     # "tiny" and "synthetic..." name the CPU default, built once (by rank 0) in cache_dir.
-    specs = {"model": cfg.model_path, "train": cfg.train_data, "val": cfg.val_data, "sft": cfg.sft_data}
+    train_data = cfg.train_data  # --algo=sft / mpo on the default data: the synthetic task's own rows
+    if train_data == Config.train_data and cfg.algo != "grpo":
+        train_data = {"sft": "synthetic/sft.jsonl", "mpo": "synthetic/pref.jsonl"}[cfg.algo]
+    specs = {"model": cfg.model_path, "train": train_data, "val": cfg.val_data, "sft": cfg.sft_data}
     if cfg.model_path == "tiny" or any(v.startswith("synthetic") for v in specs.values()):
         tiny = dict(warm_start_steps=cfg.warm_start_steps, grounded_steps=cfg.warm_start_grounded_steps,
                     with_model=cfg.model_path == "tiny")  # a real model on synthetic data: data only

@@ -3,12 +3,16 @@ counts against the config's own arithmetic, its verdicts on the README's old and
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import memplan
 import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 7B decoder dimensions (configs/Qwen2.5-VL-7B-Instruct), the layer the plan's activations scale.
 DIMS_7B = dict(hidden=3584, inter=18944, heads=28, kv_heads=4, head_dim=128)
@@ -165,3 +169,20 @@ def test_a_vllm_share_without_room_for_one_request_does_not_fit():
     text, fits = memplan.plan_from_config(train.parse_flags(
         NEW_RECIPE + ["--vllm_gpu_memory_utilization=0.2"]), 4, 79.2)
     assert not fits and "KV cache cannot hold one request" in text
+
+
+def test_the_readme_gpu_command_fits_and_dry_run_loads_nothing(tmp_path):
+    """The README's torchrun command, planned for its 4 ranks, fits; and train.py --dry_run=true
+    prints a plan and exits before any weights load (no hub here: the shipped config serves)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    command = readme.split("torchrun --nproc_per_node 4 train.py", 1)[1].split("\n\n", 1)[0]
+    flags = command.replace("\\", " ").split()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    plan = subprocess.run([sys.executable, os.path.join(ROOT, "memplan.py"), "--world_size=4", *flags],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert plan.returncode == 0 and plan.stdout.strip().splitlines()[-1].startswith("fits: yes"), plan.stdout
+    dry = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dry_run=true", *flags,
+                          "--train_data=synthetic@train", "--val_data=", f"--cache_dir={tmp_path}",
+                          f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300, env=env)
+    assert dry.returncode == 0 and "fits: " in dry.stdout and "update" in dry.stdout, dry.stderr[-2000:]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "run.lock").exists()

@@ -225,9 +225,8 @@ def test_sft_then_grpo_and_mpo_share_the_sft_term(tmp_path):
     assert sft_out.joinpath("hf", "config.json").exists()
     sft_steps = [json.loads(line) for line in open(sft_out / "metrics.jsonl") if "loss/sft" in line]
     assert [r["step"] for r in sft_steps] == [1, 2] and all(r["grad_norm"] > 0 for r in sft_steps)
-    tiny = [f"--{k}={train.TINY[k]}" for k in ("lr", "min_pixels", "max_pixels", "max_prompt_length",
-                                                "vllm_kv_cache_mb", "vllm_enforce_eager")]  # not the tiny model's name
-    _, grpo_steps, _, stdout = run_train(tmp_path, 1, "grpo", f"--model_path={sft_out / 'hf'}", "--max_steps=1", *tiny)
+    assert train.parse_flags([f"--model_path={sft_out / 'hf'}"]).lr == train.TINY["lr"]  # trained from the tiny
+    _, grpo_steps, _, stdout = run_train(tmp_path, 1, "grpo", f"--model_path={sft_out / 'hf'}", "--max_steps=1")
     assert "model " + str(sft_out / "hf") in stdout and grpo_steps[0]["rollout/logp_diff_max"] < 1e-4
     mpo_out, _, _, _ = run_train(tmp_path, 2, "mpo", "--algo=mpo", "--train_data=synthetic/pref.jsonl", *offline)
     mpo = [json.loads(line) for line in open(mpo_out / "metrics.jsonl") if "mpo/loss_dpo" in line]
@@ -255,3 +254,24 @@ def test_lora_run_syncs_merged_weights_and_trains_only_the_adapted_linears(tmp_p
         assert torch.equal(w, start[name]) != (name in adapted), name
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert len(adapter) == 28 and all(k.startswith("base_model.model.") for k in adapter)
+
+
+def test_rows_with_two_images_sample_with_vllm_and_sft_finds_its_own_rows(tmp_path):
+    """The engine takes as many images per prompt as the data has (it was made for one: vLLM refused
+    the first two-image prompt). And --algo=sft on the default data trains on the synthetic SFT rows."""
+    from PIL import Image
+
+    rows = []
+    for i in range(8):
+        paths = [tmp_path / f"{i}_{k}.png" for k in range(2)]
+        for k, path in enumerate(paths):
+            Image.new("RGB", (56, 56), (40 * i, 90 * k, 200)).save(path)
+        rows.append({"problem": "<image><image>Which is bluer?", "answer": "1", "images": [str(p) for p in paths]})
+    data_file = tmp_path / "two.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, steps, _, _ = run_train(tmp_path, 1, "two", f"--train_data={data_file}", "--val_data=", "--max_steps=1")
+    assert steps[0]["tokens/image"] == 8 * 4 * 2 * 4  # 8 prompts x 4 samples x 2 images x 4 tokens each
+    assert steps[0]["rollout/logp_diff_max"] < 1e-4
+    out, _, _, stdout = run_train(tmp_path, 1, "sft", "--algo=sft", "--max_steps=1", "--val_data=",
+                                  "--rollout_batch_size=8", "--global_batch_size=8")
+    assert "sft.jsonl" in stdout and json.loads(open(out / "metrics.jsonl").readline())["loss/sft"] > 0
