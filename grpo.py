@@ -1,29 +1,27 @@
 """GRPO math: advantages, ratios, clipped surrogate, KL, aggregation, SFT mixing; MPO. Pure torch.
 
-The objective, in words. For each prompt we sample a group of G responses (G consecutive rows of the batch)
-and score them. A response's advantage is its reward minus the group mean, divided by the group std (GRPO,
-DeepSeekMath arXiv 2402.03300) or not (Dr.GRPO, arXiv 2503.20783). Every response token then gets the PPO
-clipped surrogate: the ratio r between the current and the sampling-time policy is clipped to [1 - eps_low,
-1 + eps_high], the upper bound wider ("clip-higher", DAPO arXiv 2503.14476), and for negative advantages the
-loss is capped at |A| c ("dual clip"). GSPO (arXiv 2507.18071) replaces the per-token ratio with the
-sequence's geometric-mean ratio. A k3 estimate of KL(pi || pi_ref) is added to the loss, and all per-token
-terms are averaged over the valid tokens of the batch. CHORD (arXiv 2508.11408) optionally mixes in an SFT
-loss on expert data: (1 - mu) L_rl + mu L_sft. MPO (arXiv 2411.10442) learns offline from (chosen, rejected)
-pairs: 0.8 DPO + 0.2 BCO + 1.0 SFT, on each response's
-logratio = sum_t (logp_t - ref_logp_t) over its valid tokens = log pi(y|x) - log pi_ref(y|x).
+Each prompt gets a group of G sampled responses (G consecutive rows). A response's advantage is
+its reward minus the group mean, over the group std (GRPO, DeepSeekMath arXiv 2402.03300) or not
+(Dr.GRPO, arXiv 2503.20783). Each of its tokens gets the PPO clipped surrogate: the ratio r of the
+current to the sampling-time policy is clipped to [1 - eps_low, 1 + eps_high], the upper bound
+wider (DAPO's clip-higher, arXiv 2503.14476), and for A < 0 the loss is capped at |A| c (dual
+clip). GSPO (arXiv 2507.18071) uses the sequence's geometric-mean ratio instead. A k3 estimate of
+KL(pi || pi_ref) is added, and all per-token terms are averaged over the batch's valid tokens.
+CHORD (arXiv 2508.11408) can mix in an SFT loss on expert data: (1 - mu) L_rl + mu L_sft. MPO
+(arXiv 2411.10442) learns offline from (chosen, rejected) pairs: 0.8 DPO + 0.2 BCO + 1.0 SFT, on
+each response's logratio = sum_t (logp_t - ref_logp_t) = log pi(y|x) - log pi_ref(y|x).
 
-Defaults are EasyR1's example config, our seed: eps_low 0.2, eps_high 0.3, dual clip c = 3, token-mean
+Defaults are EasyR1's Geometry3K recipe: eps_low 0.2, eps_high 0.3, dual clip c = 3, token-mean
 aggregation, k3 KL in the loss with coefficient 1e-2 (the coefficient is the caller's).
 
-Conventions: rewards are (B,) with groups contiguous; per-token tensors are (B, T) with `mask` (bool or 0/1
-float, 1 = valid response token). In every function that takes a mask, values under mask == 0, even inf or
-nan, reach neither a result nor a gradient: we mask with torch.where, because 0 * nan is nan.
+Conventions: rewards are (B,) with groups contiguous; per-token tensors are (B, T) with `mask`
+(bool or 0/1 float, 1 = valid response token). Values under mask == 0, even inf or nan, reach
+neither a result nor a gradient: we mask with torch.where, because 0 * nan is nan.
 
-Simplifications: one scalar advantage per response, broadcast to its tokens; no value model, GAE, REINFORCE++
-or ReMax (a group baseline is all GRPO needs); no CISPO/SAPO/GMPO losses; no entropy bonus (token_entropy is
-for logging). KL in the reward is train.py's business (it subtracts kl_coef * sum_t k(old, ref) from each
-sequence's reward before the advantages). No collectives here: for micro-batches and ranks, aggregate() takes
-the global counts instead.
+Simplifications: one scalar advantage per response, broadcast to its tokens; no value model, GAE,
+REINFORCE++ or ReMax (a group baseline is all GRPO needs); no CISPO/SAPO/GMPO losses; no entropy
+bonus (token_entropy is for logging). KL in the reward is train.py's job: it takes
+kl_coef * sum_t k(old, ref) off each reward first. No collectives: aggregate() takes global counts.
 """
 import math
 
@@ -34,20 +32,17 @@ LOG_RATIO_MAX = 20.0  # exp(20) ~ 5e8: a ratio that large is already "infinitely
 
 
 def _groups(rewards, group_size):
-    """(B,) -> (B / G, G) rewards, their finite mask, (B / G, 1) count; after checking shapes."""
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 for a group baseline, got {group_size}")
-    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
-        raise ValueError(f"rewards must be (B,) with B divisible by group_size {group_size}, "
-                         f"got shape {tuple(rewards.shape)}")
+    """(B,) -> (B / G, G) rewards, their finite mask, (B / G, 1) count."""
+    assert group_size >= 2, f"a group baseline needs group_size >= 2, got {group_size}"
+    assert rewards.dim() == 1 and rewards.numel() % group_size == 0, (
+        f"rewards must be (B,) with B divisible by {group_size}, got {tuple(rewards.shape)}")
     r = (rewards if rewards.is_floating_point() else rewards.float()).view(-1, group_size)
     return r, torch.isfinite(r), torch.isfinite(r).sum(dim=1, keepdim=True)
 
 
 def _keep_signal(adv, r, valid):
     # 0 for a sample without a reward and for a group whose valid rewards are all equal (or < 2):
-    # in float32 the mean of 8 copies of 0.1 is not 0.1, and (R - mean) / std would give the group
-    # a fake advantage of about -0.007.
+    # in float32 the mean of 8 copies of 0.1 is not 0.1, and the group would get about -0.007.
     lo = torch.where(valid, r, math.inf).amin(dim=1, keepdim=True)  # (B/G, 1)
     hi = torch.where(valid, r, -math.inf).amax(dim=1, keepdim=True)
     return torch.where(valid & (lo < hi), adv, 0.0)
@@ -79,18 +74,19 @@ def _masked_mean(x, valid):
     return torch.where(valid, x, 0.0).sum() / valid.sum().clamp(min=1)
 
 
-def policy_loss(logp, old_logp, adv, mask, *, ratio_level="token", clip_eps_low=0.2, clip_eps_high=0.3, dual_clip=3.0):
+def policy_loss(logp, old_logp, adv, mask, *, ratio_level="token", clip_eps_low=0.2,
+                clip_eps_high=0.3, dual_clip=3.0):
     """Clipped surrogate per token, to minimise. Returns (loss (B, T), metrics), loss 0 under mask.
 
-    logp, old_logp: (B, T) log-probs of the sampled tokens under the current and the rollout-time policy;
-    adv: (B,) or (B, T). ratio_level picks the importance ratio:
-      "token"          r_t = exp(logp_t - old_logp_t)                            (PPO / GRPO)
+    logp, old_logp: (B, T) log-probs of the sampled tokens under the current and the rollout-time
+    policy; adv: (B,) or (B, T). ratio_level picks the importance ratio:
+      "token"          r_t = exp(logp_t - old_logp_t)                       (PPO / GRPO)
       "sequence"       s_i = exp(mean_t (logp_t - old_logp_t)) on every token of sequence i,
-                       the gradient flowing through the mean                     (GSPO)
-      "sequence_token" value s_i, gradient s_i * grad logp_t                     (GSPO-token)
-    loss = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), and where A < 0 it is further capped at -A c
-    (dual clip, c = dual_clip > 1; None turns it off) so that a huge ratio on a bad token cannot produce an
-    unbounded loss."""
+                       the gradient flowing through the mean                (GSPO)
+      "sequence_token" value s_i, gradient s_i * grad logp_t                (GSPO-token)
+    loss = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), and where A < 0 it is further capped
+    at -A c (dual clip, c = dual_clip > 1; None turns it off) so that a huge ratio on a bad token
+    cannot produce an unbounded loss."""
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
     valid = mask.bool()
@@ -102,13 +98,14 @@ def policy_loss(logp, old_logp, adv, mask, *, ratio_level="token", clip_eps_low=
 
     log_ratio = logp - old_logp  # (B, T), 0 under the mask
     if ratio_level in ("sequence", "sequence_token"):  # log s_i, (B, 1)
-        log_ratio = log_ratio.sum(dim=-1, keepdim=True) / valid.sum(dim=-1, keepdim=True).clamp(min=1)
+        n_valid = valid.sum(dim=-1, keepdim=True).clamp(min=1)
+        log_ratio = log_ratio.sum(dim=-1, keepdim=True) / n_valid
     elif ratio_level != "token":
         raise ValueError(f"unknown ratio_level {ratio_level!r}")
     log_ratio = log_ratio.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
-    if ratio_level == "sequence_token":  # same value as log s_i, but token t's gradient is that of logp_t alone
+    if ratio_level == "sequence_token":  # the value of log s_i, token t's gradient that of logp_t
         log_ratio = log_ratio.detach() + logp - logp.detach()
-    ratio = torch.exp(log_ratio.expand_as(logp))  # (B, T); "sequence": every token carries d(log s_i)
+    ratio = torch.exp(log_ratio.expand_as(logp))  # (B, T); "sequence": each token has d(log s_i)
 
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
@@ -124,30 +121,19 @@ def policy_loss(logp, old_logp, adv, mask, *, ratio_level="token", clip_eps_low=
     loss = torch.where(valid, loss, zero)
 
     r = ratio.detach()
-
-    def share(b):  # the share of valid tokens where b holds
-        return _masked_mean(b.to(r.dtype), valid)
-
-    metrics = {
-        "clip_frac": share(is_clipped),
-        "clip_frac_low": share(is_clipped & (r < 1.0 - clip_eps_low)),
-        "clip_frac_high": share(is_clipped & (r > 1.0 + clip_eps_high)),
-        "dual_clip_frac": share(is_dual),
-        "ratio_mean": _masked_mean(r, valid),
-        "ratio_min": torch.where(valid, r, math.inf).amin(),  # +inf / -inf if no token is valid (all padding)
-        "ratio_max": torch.where(valid, r, -math.inf).amax(),
-    }
+    metrics = {"clip_frac": _masked_mean(is_clipped.to(r.dtype), valid),
+               "dual_clip_frac": _masked_mean(is_dual.to(r.dtype), valid),
+               "ratio_max": torch.where(valid, r, -math.inf).amax()}  # -inf if no token is valid
     return loss, metrics
 
 
 def kl_penalty(logp, ref_logp, kind="k3"):
     """Per-token estimate of KL(pi || pi_ref) from sampled tokens (Schulman's k1/k2/k3). (B, T).
 
-    With d = logp - ref_logp: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (unbiased, >= 0, and of lower
-    variance than k1), abs = |d|. k3 clamps d inside the exp to +-20 as EasyR1/verl do, so exp cannot
-    overflow. Unlike them we do not clamp k3 itself to [-10, 10]: that would zero its gradient exactly
-    where the policy has drifted farthest below the reference (d < -2.6). The mask is the caller's
-    (aggregate); pass finite values under it if you need finite grads."""
+    With d = logp - ref_logp: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (unbiased, >= 0, of lower
+    variance than k1), abs = |d|. k3 clamps d inside the exp to +-20 as EasyR1/verl do, but not k3
+    itself to [-10, 10]: that would zero its gradient where the policy has drifted farthest below
+    the reference (d < -2.6). The mask is the caller's (aggregate): pass finite values under it."""
     d = logp - ref_logp
     if kind == "k1":
         return d
@@ -167,10 +153,10 @@ def aggregate(x, mask, mode="token_mean", *, num_tokens=None, num_seqs=None, max
       "seq_mean_token_mean"     sum_i (token mean of sequence i) / num_seqs     (original GRPO)
       "seq_mean_token_sum"      sum(x m) / num_seqs
       "seq_mean_token_sum_norm" sum(x m) / (num_seqs * max_len)         (Dr.GRPO: no length bias)
-    num_tokens, num_seqs and max_len default to this batch's own (sum m, B, T). With gradient accumulation
-    over micro-batches and ranks, pass the counts of the WHOLE batch and sum the results: the gradient is then
-    exactly the one-big-batch gradient (with local counts a short micro-batch's tokens would weigh more than a
-    long one's). Empty sequences contribute 0."""
+    num_tokens, num_seqs and max_len default to this batch's own (sum m, B, T). With gradient
+    accumulation over micro-batches and ranks, pass the counts of the WHOLE batch and sum the
+    results: the gradient is then exactly the one-big-batch gradient (with local counts a short
+    micro-batch's tokens would weigh more than a long one's). Empty sequences contribute 0."""
     valid = mask.bool()
     x = torch.where(valid, x, torch.zeros_like(x))  # (B, T)
     B, T = x.shape
@@ -187,24 +173,22 @@ def aggregate(x, mask, mode="token_mean", *, num_tokens=None, num_seqs=None, max
 
 
 def filter_groups(scores, group_size, low=0.01, high=0.99):
-    """DAPO dynamic sampling: keep the groups whose mean score is strictly inside (low, high). (B / G,) bool.
+    """DAPO dynamic sampling: (B / G,) bool, True where the group's mean score is in (low, high).
 
-    Groups that are all right or all wrong have zero advantage and only dilute the batch. Filter on accuracy,
-    never on a score that includes the format bonus: EasyR1 filters on "overall", so an all-wrong but
+    Groups all right or all wrong have zero advantage and only dilute the batch. Filter on accuracy,
+    never on a score with the format bonus: EasyR1 filters on "overall", so an all-wrong but
     well-formatted group (mean 0.1) passes although it carries no signal."""
     mean = _groups(scores, group_size)[0].mean(dim=1)  # (B/G,)
     return (mean > low) & (mean < high)
 
 
-def mismatch_weights(old_logp, sampler_logp, mask, *, level="token", mode="truncate", cap=3.0):
-    """Importance weights for the sampler/trainer mismatch. Returns (weights (B, T), metrics).
+def mismatch_weights(old_logp, sampler_logp, mask, *, level="token", cap=3.0):
+    """Truncated importance weights for the sampler/trainer mismatch -> (weights (B, T), metrics).
 
-    vLLM's sampling log-probs differ from the trainer's even with identical weights (kernels, precision), so
-    the rollout is slightly off-policy; TRL corrects by default (vllm_importance_sampling_correction).
-    rho = pi_old / pi_sampler, per token ("token") or the product over the sequence's valid tokens broadcast
-    to them ("sequence"). mode "truncate": min(rho, cap). mode "mask": rho where rho <= cap, else 0. Like
-    TRL's code (its sequence_mask and token_mask), the mask is one-sided: rho < 1 only shrinks a weight, it
-    cannot blow up the variance, so we keep it. Multiply the per-token loss by the weights; 0 under the mask."""
+    vLLM's log-probs differ from the trainer's even with identical weights (kernels, precision), so
+    the rollout is slightly off-policy, and TRL corrects by default. rho = pi_old / pi_sampler per
+    token ("token") or its product over the sequence, broadcast ("sequence"); weight min(rho, cap),
+    0 under the mask. As in TRL only the top is capped: rho < 1 cannot blow up the variance."""
     valid = mask.bool()
     d = torch.where(valid, (old_logp - sampler_logp).detach(), 0.0)  # (B, T)
     if level == "sequence":
@@ -212,28 +196,18 @@ def mismatch_weights(old_logp, sampler_logp, mask, *, level="token", mode="trunc
     elif level != "token":
         raise ValueError(f"unknown level {level!r}, expected token or sequence")
     rho = torch.exp(d.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX))
-    if mode == "truncate":
-        w = rho.clamp(max=cap)
-    elif mode == "mask":
-        w = torch.where(rho <= cap, rho, 0.0)
-    else:
-        raise ValueError(f"unknown mode {mode!r}, expected truncate or mask")
-    w = torch.where(valid, w, 0.0)
-    metrics = {
-        "is_weight_mean": _masked_mean(w, valid),
-        "is_weight_max": torch.where(valid, w, -math.inf).amax(),
-        "is_clipped_frac": _masked_mean((rho > cap).to(w.dtype), valid),
-    }
+    w = torch.where(valid, rho.clamp(max=cap), 0.0)
+    metrics = {"is_weight_mean": _masked_mean(w, valid),
+               "is_weight_max": torch.where(valid, w, -math.inf).amax(),
+               "is_clipped_frac": _masked_mean((rho > cap).to(w.dtype), valid)}
     return w, metrics
 
 
 def chord_mu(step, *, mu_peak, mu_valley, warmup_steps, decay_steps):
-    """CHORD's SFT weight mu at a step: linear 0 -> mu_peak over warmup_steps, then a half-cosine from mu_peak
-    down to mu_valley over decay_steps, then mu_valley for good.
-
-    The shape follows ms-swift's mu_schedule_function (swift/trainers/rlhf_trainer/utils.py), as in the CHORD
-    paper's CHORD-mu: imitation of the expert data dominates early, then RL takes over. mu_peak == mu_valley
-    with warmup_steps = 0 gives a constant mu."""
+    """CHORD's SFT weight mu at a step: linear 0 -> mu_peak over warmup_steps, then a half-cosine
+    down to mu_valley over decay_steps, then mu_valley for good (mu_peak == mu_valley with no
+    warm-up: a constant). ms-swift's mu_schedule_function, the paper's CHORD-mu: imitation of the
+    expert data dominates early, then RL takes over."""
     if step < warmup_steps:
         return step / warmup_steps * mu_peak
     if step >= warmup_steps + decay_steps:
@@ -245,10 +219,9 @@ def chord_mu(step, *, mu_peak, mu_valley, warmup_steps, decay_steps):
 def sft_loss(logp, mask, *, phi=False):
     """Per-token SFT loss -logp on expert tokens, 0 under the mask. (B, T).
 
-    phi=True is CHORD-phi: weight each token by p (1 - p), p = exp(logp), so tokens the model already knows
-    (p ~ 1) and tokens it finds implausible (p ~ 0) both weigh little, and the expert data nudges rather than
-    overwrites the policy. We treat phi as a weight (detached); ms-swift's code lets the gradient flow through
-    phi as well."""
+    phi=True is CHORD-phi: weight each token by p (1 - p), p = exp(logp), so tokens the model knows
+    (p ~ 1) or finds implausible (p ~ 0) weigh little: expert data nudges rather than overwrites the
+    policy. phi is a weight here (detached); ms-swift's code lets the gradient flow through it."""
     logp = torch.where(mask.bool(), logp, torch.zeros_like(logp))  # so the loss is 0 there too
     loss = -logp
     if phi:
@@ -260,9 +233,9 @@ def sft_loss(logp, mask, *, phi=False):
 def token_entropy(logits):
     """Entropy of softmax(logits) over the vocabulary: (B, T, V) -> (B, T), in nats.
 
-    log_softmax, not log(softmax), so large logits cannot overflow and tiny probabilities keep their logs. A
-    -inf logit (a banned token) has p = 0 and contributes 0, not 0 * -inf = nan. bf16 logits are upcast:
-    entropy sums V terms and bf16 has 8 bits of mantissa."""
+    log_softmax, not log(softmax), so large logits cannot overflow and tiny probabilities keep
+    their logs. A -inf logit (a banned token) has p = 0 and contributes 0, not 0 * -inf = nan.
+    bf16 logits are upcast: entropy sums V terms and bf16 has 8 bits of mantissa."""
     logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     p = logp.exp()
     logp = torch.where(p > 0, logp, torch.zeros_like(logp))
@@ -270,40 +243,41 @@ def token_entropy(logits):
 
 
 def dpo_loss(chosen_logratio, rejected_logratio, beta=0.1):
-    """DPO's sigmoid loss per pair (arXiv 2305.18290): -log sigmoid(beta (c - r)), log 2 where c = r. (B,) ->
-    (loss (B,), metrics): the share of pairs with beta c > beta r (a tie misses, as in TRL), the mean beta (c - r)."""
+    """DPO's sigmoid loss per pair (arXiv 2305.18290): -log sigmoid(beta (c - r)), log 2 where
+    c = r. (B,) -> (loss (B,), metrics): the share of pairs with beta c > beta r (a tie misses, as
+    in TRL), the mean beta (c - r)."""
     m = beta * (chosen_logratio - rejected_logratio)
     d = m.detach()
-    return -F.logsigmoid(m), {"reward_accuracy": (d > 0).to(d.dtype).mean(), "reward_margin": d.mean()}
+    loss = -F.logsigmoid(m)
+    return loss, {"reward_accuracy": (d > 0).to(d.dtype).mean(), "reward_margin": d.mean()}
 
 
 def bco_pair_loss(chosen_logratio, rejected_logratio, beta=0.1, delta=0.0):
-    """BCO (arXiv 2404.04656) on pairs, MPO's quality loss: each response is classified alone, good or
-    bad, by its reward r = beta * logratio against the shift delta (bco_delta; no gradient). (B,) ->
-    (loss (B,), metrics): -log sigmoid(r_c - delta) - log sigmoid(-(r_r - delta))."""
+    """BCO (arXiv 2404.04656) on pairs, MPO's quality loss: each response is classified alone, good
+    or bad, by its reward r = beta * logratio against the shift delta (bco_delta; no gradient).
+    (B,) -> (loss (B,), metrics): -log sigmoid(r_c - delta) - log sigmoid(-(r_r - delta))."""
     r_c, r_r, delta = beta * chosen_logratio, beta * rejected_logratio, float(delta)
     loss = -F.logsigmoid(r_c - delta) - F.logsigmoid(delta - r_r)
     return loss, {"reward_chosen": r_c.detach().mean(), "reward_rejected": r_r.detach().mean()}
 
 
 def bco_delta(delta, num_batches, rewards):
-    """BCO's shift after one more batch, a float: the running mean of batch means, delta + (mean(rewards) -
-    delta) / (num_batches + 1) (rewards: that batch's r_c and r_r; num_batches: those already in delta), as
-    TRL 0.10's RunningMoments fed one mean per forward (MPO's code), whose delta includes the batch it shifts.
-    The paper's is of "previous rewards": updated once per optimizer step, it is one value for all ranks."""
+    """BCO's shift after one more batch (rewards: its r_c and r_r), a float: the running mean of
+    batch means, as MPO's code keeps it; num_batches counts those already in delta. Updated once
+    per optimizer step, it is one value for all ranks."""
     return delta + (float(torch.as_tensor(rewards).detach().mean()) - delta) / (num_batches + 1)
 
 
 def mpo_loss(chosen_logratio, rejected_logratio, chosen_logp, chosen_mask, *, beta=0.1, delta=0.0,
              weights=(0.8, 0.2, 1.0), num_pairs=None, num_tokens=None):
-    """MPO: w_dpo L_dpo + w_bco L_bco + w_sft L_sft, weights the paper's (TRL's loss_weights for sigmoid,
-    bco_pair, sft). L_sft: the NLL of the chosen tokens, chosen_logp (B, T) under chosen_mask, token-mean like
-    TRL's nll_loss. Pair terms are summed / num_pairs, L_sft / num_tokens: for micro-batches pass the whole
-    batch's counts and sum the results (see aggregate). Returns (scalar loss, metrics)."""
+    """MPO: w_dpo L_dpo + w_bco L_bco + w_sft L_sft -> (scalar loss, metrics); weights the paper's
+    (TRL's loss_weights for sigmoid, bco_pair, sft). L_sft: the token-mean NLL of chosen_logp (B, T)
+    under chosen_mask, like TRL's nll_loss. Pair terms are summed / num_pairs, L_sft / num_tokens:
+    for micro-batches pass the whole batch's counts and sum the results (see aggregate)."""
     dpo, metrics = dpo_loss(chosen_logratio, rejected_logratio, beta)
     bco, bco_metrics = bco_pair_loss(chosen_logratio, rejected_logratio, beta, delta)
     n = chosen_logratio.numel() if num_pairs is None else num_pairs
-    parts = {"dpo": dpo.sum() / n, "bco": bco.sum() / n,
-             "sft": aggregate(sft_loss(chosen_logp, chosen_mask), chosen_mask, num_tokens=num_tokens)}
+    parts = {"dpo": dpo.sum() / n, "bco": bco.sum() / n}
+    parts["sft"] = aggregate(sft_loss(chosen_logp, chosen_mask), chosen_mask, num_tokens=num_tokens)
     loss = sum(w * parts[k] for w, k in zip(weights, ("dpo", "bco", "sft"), strict=True))
     return loss, metrics | bco_metrics | {f"loss_{k}": v.detach() for k, v in parts.items()}

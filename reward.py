@@ -11,12 +11,10 @@ load_reward(spec) returns one: "math" (default), "r1v", "choice", "random", or y
 "path/to/file.py:function". The built-ins follow EasyR1's examples/reward_function/{math,r1v}.py:
 spaces around < > / are dropped first, overall = (1 - w) * accuracy + w * format.
 
-Grading is math-verify's (huggingface/Math-Verify) with its timeouts off: they use signal.alarm,
-which raises outside the main thread, and scored every sample 0 in verl and TRL (Math-Verify
-#50, #55). score_batch bounds time instead: it runs the reward in worker processes it can kill,
-and a sample that raises or hangs scores 0 while the run goes on.
+Grading is math-verify's with its timeouts off: they use signal.alarm, which raises outside the
+main thread, and scored every sample 0 in verl and TRL (Math-Verify #50, #55). score_batch bounds
+time instead, in worker processes it can kill (reward_pool.py): a sample that hangs scores 0.
 """
-import ctypes
 import functools
 import importlib.util
 import logging
@@ -25,30 +23,24 @@ import os
 import pickle
 import random
 import re
-import select
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 
 from math_verify import parse, verify
+
+import reward_pool
 
 log = logging.getLogger(__name__)
 HALF_WIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)} | {0x3000: " "}  # full-width -> ASCII
 
-# -----------------------------------------------------------------------------
-# reading and grading an answer
 
-
+# ----------------------------------------------------------------------------- reading and grading
 def _normalize(response):
-    return re.sub(r"\s*(<|>|/)\s*", r"\1", response)  # "< think >" -> "<think>" (Qwen2.5-VL-32B writes tags so)
+    return re.sub(r"\s*(<|>|/)\s*", r"\1", response)  # "< think >" -> "<think>", as Qwen2.5-VL-32B
 
 
 def has_boxed_format(text):
     """re.fullmatch(r"<think>.*</think>.*\\\\boxed\\{.*\\}.*", text, re.DOTALL), in linear time.
 
-    That regex backtracks cubically: 90k chars of "</think>\\boxed{" repeated took 6 minutes. Taking the earliest
+    That regex backtracks cubically ("</think>\\boxed{" * 6000 took 6 minutes). The earliest
     occurrence of each piece leaves the most room for the next, so this decides the same match."""
     i = text.find("</think>", len("<think>")) if text.startswith("<think>") else -1
     j = text.find("\\boxed{", i + len("</think>")) if i >= 0 else -1
@@ -69,41 +61,45 @@ def extract_boxed(text):
 def grade(answer, ground_truth, *, box=True):
     """1.0 if math-verify finds `answer` equal to `ground_truth`, else 0.0 (None answer: 0.0).
 
-    math-verify reads gold like a prediction, from LaTeX, so a bare ground truth ("3", "\\frac{1}{2}", "2\\sqrt{3}",
-    "60^\\circ") is boxed first; so is the answer, which came out of a box, unless box=False (free text, "The
-    answer is $3$"). Units and degrees are dropped ("5 cm" == 5, "60^\\circ" == 60), 0.5 == \\frac{1}{2}, and floats
-    are rounded to 6 digits. Full-width forms, as CJK input methods type them, read as ASCII
-    (\\boxed{４８} is 48); not through NFKC, which would also flatten superscripts ("3²" -> "32")."""
+    math-verify reads gold from LaTeX, so a bare ground truth ("3", "\\frac{1}{2}", "60^\\circ") is
+    boxed first; so is the answer, unless box=False (free text: "The answer is $3$"). Units and
+    degrees are dropped ("5 cm" == 5, "60^\\circ" == 60), 0.5 == \\frac{1}{2}, floats are rounded to
+    6 digits. Full-width forms (CJK input methods) read as ASCII: \\boxed{４８} is 48; not through
+    NFKC, which would also flatten superscripts ("3²" -> "32")."""
     gt = str(ground_truth).translate(HALF_WIDTH).strip()
     if answer is None or not gt:
         return 0.0
-    gold = parse(gt if "\\boxed" in gt or "$" in gt else "\\boxed{" + gt + "}", parsing_timeout=None)
+    gold = gt if "\\boxed" in gt or "$" in gt else "\\boxed{" + gt + "}"
+    gold = parse(gold, parsing_timeout=None)
     answer = answer.translate(HALF_WIDTH).replace("°", "^{\\circ}")  # else "60°" stays a string
     pred = parse("\\boxed{" + answer + "}" if box else answer, parsing_timeout=None)
     return float(verify(gold, pred, timeout_seconds=None))
 
 
 def as_letter(text):
-    """ "A", "(A)", "A.", "A)", "A:", "\\text{A}", "\\textbf{(A)}", "$A$" -> "A"; anything else -> None.
+    """ "A", "(A)", "A.", "A)", "A:", "\\text{A}", "\\textbf{(A)}", "$A$" -> "A"; else None.
 
     Capitals only: a lone "a" or "x" is more likely a variable than an option."""
-    text = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}", r"\1", text).strip().strip("$").strip()
+    text = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}", r"\1", text)
+    text = text.strip().strip("$").strip()
     m = re.fullmatch(r"\(?([A-Z])[).:]?", text)
     return m.group(1) if m else None
 
 
-# -----------------------------------------------------------------------------
-# built-in rewards
+# ----------------------------------------------------------------------------- built-in rewards
+def _score(acc, fmt, w):
+    return {"overall": (1 - w) * acc + w * fmt, "format": fmt, "accuracy": acc}
 
 
-def compute_score(inputs, format_weight=0.1):
-    """The seed reward: format = `<think>...</think>` then anything then `\\boxed{...}`;
-    accuracy grades the last \\boxed{} (unclosed: no answer, 0)."""
+def math_score(inputs, format_weight=0.1):
+    """The reward of EasyR1's Geometry3K recipe: format = `<think>...</think>` then anything then
+    `\\boxed{...}`; accuracy grades the last \\boxed{} (unclosed: no answer, 0)."""
     scores = []
     for x in inputs:
         response = _normalize(x["response"])
-        fmt, acc = float(has_boxed_format(response)), grade(extract_boxed(response), x["ground_truth"])
-        scores.append({"overall": (1 - format_weight) * acc + format_weight * fmt, "format": fmt, "accuracy": acc})
+        fmt = float(has_boxed_format(response))
+        acc = grade(extract_boxed(response), x["ground_truth"])
+        scores.append(_score(acc, fmt, format_weight))
     return scores
 
 
@@ -114,29 +110,28 @@ def _answer_block(text):
 
 
 def r1v_score(inputs, format_weight=0.5):
-    """R1-V: format = fullmatch `<think>.*?</think>\\s*<answer>.*?</answer>` (DOTALL); accuracy grades the free
-    text of the last <answer> block (none: 0). A gold "<answer> 3 </answer>", as in R1-V's data, is unwrapped."""
+    """R1-V: format = fullmatch `<think>.*?</think>\\s*<answer>.*?</answer>` (DOTALL); accuracy
+    grades the last <answer> block's free text (none: 0); R1-V's gold "<answer> 3 </answer>" too."""
     scores = []
     for x in inputs:
         response = _normalize(x["response"])
-        # The fullmatch without backtracking: the earliest "</think> <answer>" must end before
-        # the "</answer>" that ends the response.
+        # no backtracking: the first "</think> <answer>" must end before the final "</answer>"
         m = re.compile(r"</think>\s*<answer>").search(response, len("<think>"))
         fmt = float(response.startswith("<think>") and response.endswith("</answer>")
                     and m is not None and m.end() <= len(response) - len("</answer>"))
         gt = str(x["ground_truth"])
         acc = grade(_answer_block(response), _answer_block(_normalize(gt)) or gt, box=False)
-        scores.append({"overall": (1 - format_weight) * acc + format_weight * fmt, "format": fmt, "accuracy": acc})
+        scores.append(_score(acc, fmt, format_weight))
     return scores
 
 
 def choice_score(inputs, format_weight=0.1):
-    """Multiple choice; Geometry3K rows have `choices` (4 option strings, letters A-D). Format as "math".
+    """Multiple choice; Geometry3K rows have `choices` (4 options, letters A-D). Format as "math".
 
-    The rule: gold letter G = as_letter(ground_truth); gold value V = option G if G is a letter (none if the
-    row has no option G), else the ground truth itself. A boxed letter P (see as_letter) is right if P == G, or
-    if option P grades equal to V (gold "6" with choices ["3", "6", ...] accepts "B"). Any other boxed answer is
-    right if it grades equal to V (gold "B" accepts "6"); with no V, it is wrong."""
+    Gold letter G = as_letter(ground_truth); gold value V = option G if G is a letter (none if the
+    row has no option G), else the ground truth. A boxed letter P (see as_letter) is right if
+    P == G or option P grades equal to V (gold "6", choices ["3", "6", ...] accepts "B"). Any other
+    boxed answer is right if it grades equal to V (gold "B" accepts "6"); with no V, it is wrong."""
     scores = []
     for x in inputs:
         response = _normalize(x["response"])
@@ -148,39 +143,41 @@ def choice_score(inputs, format_weight=0.1):
         if letter is None:
             acc = grade(answer, gold_value) if gold_value is not None else 0.0
         else:
-            acc = float(letter == gold_letter
-                        or (letter in options and gold_value is not None and grade(options[letter], gold_value) == 1.0))
+            acc = float(letter == gold_letter or (letter in options and gold_value is not None
+                                                  and grade(options[letter], gold_value) == 1.0))
         fmt = float(has_boxed_format(response))
-        scores.append({"overall": (1 - format_weight) * acc + format_weight * fmt, "format": fmt, "accuracy": acc})
+        scores.append(_score(acc, fmt, format_weight))
     return scores
 
 
 def random_score(inputs, seed=2):
     """Debug reward: overall = accuracy = a fair coin, format as in "math".
 
-    Each coin is seeded by (seed, response, ground_truth) rather than by position, so a sample scores the same
-    whatever batch, chunk or retry score_batch puts it in (a str seed goes through sha512: stable across processes)."""
+    Each coin is seeded by (seed, response, ground_truth), not by position, so a sample scores the
+    same in any batch, chunk or retry (a str seed goes through sha512: stable across processes)."""
     scores = []
     for x in inputs:
         rng = random.Random(f"{seed}\0{x['response']}\0{x['ground_truth']}")
         acc = float(rng.random() < 0.5)
-        scores.append({"overall": acc, "format": float(has_boxed_format(_normalize(x["response"]))), "accuracy": acc})
+        fmt = float(has_boxed_format(_normalize(x["response"])))
+        scores.append({"overall": acc, "format": fmt, "accuracy": acc})
     return scores
 
 
-BUILTIN = {"math": compute_score, "r1v": r1v_score, "choice": choice_score, "random": random_score}
+BUILTIN = {"math": math_score, "r1v": r1v_score, "choice": choice_score, "random": random_score}
 
 
 def load_reward(spec="math"):
     """A built-in name or "path/to/file.py:function" -> a batch reward function.
 
-    A file is loaded and checked here, so a bad spec fails at startup. What comes back for it is
-    a partial naming the file, which pickles: each worker process loads the file again."""
+    A file is loaded and checked here, so a bad spec fails at startup; what comes back is a partial
+    naming the file, which pickles: each worker process loads the file again."""
     if spec in BUILTIN:
         return BUILTIN[spec]
     path, sep, name = spec.rpartition(":")
     if not sep or not path.endswith(".py"):
-        raise ValueError(f"reward {spec!r}: expected one of {sorted(BUILTIN)} or 'path/to/file.py:function'")
+        raise ValueError(f"reward {spec!r}: expected one of {sorted(BUILTIN)} "
+                         "or 'path/to/file.py:function'")
     _load_file_fn(os.path.abspath(path), name)
     return functools.partial(_call_file, os.path.abspath(path), name)
 
@@ -194,9 +191,10 @@ def _load_file_fn(path, name):
     spec.loader.exec_module(module)
     if not hasattr(module, name):
         raise AttributeError(f"reward file {path} has no function {name!r}")
-    if not callable(getattr(module, name)):
-        raise TypeError(f"{path}:{name} is a {type(getattr(module, name)).__name__}, not a function")
-    return getattr(module, name)
+    fn = getattr(module, name)
+    if not callable(fn):
+        raise TypeError(f"{path}:{name} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 def _call_file(path, name, inputs):
@@ -209,30 +207,16 @@ def _fn_name(fn):
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
 
 
-# -----------------------------------------------------------------------------
-# scoring a batch safely
-
-# Idle workers, kept warm between calls: a new one costs ~1 s of CPU (0.5 s of imports, then cold sympy/antlr
-# caches), more than grading 256 responses on 2 CPUs. They exit at EOF on stdin, that is when the trainer exits.
-_IDLE = []
-
-
+# ----------------------------------------------------------------------------- scoring a batch
 def score_batch(reward_fn, inputs, *, timeout_s=10.0, num_workers=None):
-    """Score `inputs` with `reward_fn` in worker processes -> (scores, stats).
+    """Score `inputs` with `reward_fn` in worker processes (reward_pool.run) -> (scores, stats).
 
-    The batch goes out in chunks, about 4 per worker (num_workers defaults to min(8, CPUs)). A chunk whose call
-    raises, dies or runs past timeout_s (timed from when its worker picks it up) is re-run one sample at a time,
-    a hung worker being killed; a sample that still fails alone scores 0 in every key, is logged once per
-    distinct error, and counts in stats["reward/failed"] (raised or died) or
-    stats["reward/timed_out"]. A NaN or inf "overall" counts as failed too: that sample scores 0 in
-    every key but "overall", which is NaN, so that the advantages (grpo.group_advantages) leave it
-    out of its group. stats holds only these counts, which add up over ranks. Scores of the wrong
-    length or without a numeric "overall" are a bug in the reward, not a bad sample: ValueError.
-
-    Processes, not threads: math-verify is pure Python, so threads share one core under the GIL (256
-    Geometry3K-like responses on 2 CPUs: serial 0.90 s, 2 threads 0.97 s, 2 warm workers 0.48 s), and a thread
-    stuck in sympy (verifying \\boxed{9^{9^{9^9}}} never ends) can't be stopped. subprocess, not
-    multiprocessing: its spawn and forkserver children re-run the parent's __main__ script, here train.py."""
+    A sample whose reward raises, dies or runs past timeout_s (alone) scores 0 in every key, is
+    logged once per distinct error, and counts in stats["reward/failed"] (raised or died) or
+    stats["reward/timed_out"]. A NaN or inf "overall" counts as failed too: 0 in every key but
+    "overall", which is NaN, so that grpo.group_advantages leaves it out of its group. stats holds
+    only these counts, which add up over ranks. Scores of the wrong length or without a numeric
+    "overall" are a bug in the reward, not a bad sample: ValueError. num_workers: min(8, CPUs)."""
     name = _fn_name(reward_fn)
     try:
         pickle.dumps(reward_fn)
@@ -240,55 +224,9 @@ def score_batch(reward_fn, inputs, *, timeout_s=10.0, num_workers=None):
         raise TypeError(f"{name} runs in worker processes, so it must pickle: "
                         "use a module-level function or load_reward()") from e
     n, num_workers = len(inputs), num_workers or min(8, os.cpu_count() or 1)
-    size = max(1, math.ceil(n / (4 * num_workers)))
-    todo = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
-    scores, errors, timed_out, running = [None] * n, {}, [], []
-    with tempfile.TemporaryDirectory(prefix="reward-") as tmp:
-        try:
-            while todo or running:
-                while todo and len(running) < num_workers:
-                    idx = todo.pop(0)
-                    with open(os.path.join(tmp, f"{idx[0]}-{len(idx)}.pkl"), "wb") as f:
-                        pickle.dump((reward_fn, [inputs[i] for i in idx]), f)
-                    proc = _IDLE.pop() if _IDLE else _spawn()
-                    proc = proc if proc.poll() is None else _spawn()  # it died idle (OOM killer, PDEATHSIG)
-                    proc.stdin.write(f.name.encode() + b"\n")
-                    proc.stdin.flush()
-                    # A new worker gets 60 s to start Python and import; the clock restarts at its "R".
-                    deadline = time.monotonic() + 60 + timeout_s
-                    running.append({"idx": idx, "proc": proc, "out": b"", "deadline": deadline})
-                readable = select.select([job["proc"].stdout for job in running], [], [], 0.05)[0]
-                for job in list(running):
-                    if job["proc"].stdout in readable:
-                        data = os.read(job["proc"].stdout.fileno(), 1 << 20)
-                        if data and not job["out"]:
-                            job["deadline"] = time.monotonic() + timeout_s
-                        out = job["out"] = job["out"] + data  # b"R", the result's length in 8 bytes, its pickle
-                        done = len(out) >= 9 and len(out) >= 9 + int.from_bytes(out[1:9], "little")
-                        if data and not done:
-                            continue
-                        outcome = (pickle.loads(out[9:]) if done
-                                   else ("error", f"worker exited with code {_stop(job['proc'])}"))
-                    elif time.monotonic() > job["deadline"]:
-                        outcome = ("timeout", _stop(job["proc"]))
-                    else:
-                        continue
-                    running.remove(job)
-                    if job["proc"].returncode is None:
-                        _IDLE.append(job["proc"])  # it answered, so it is healthy: keep it warm
-                    if outcome[0] == "ok":
-                        _check_scores(name, len(job["idx"]), outcome[1])
-                        for i, s in zip(job["idx"], outcome[1]):
-                            scores[i] = s
-                    elif len(job["idx"]) > 1:
-                        todo.extend([i] for i in job["idx"])  # find which sample to blame
-                    elif outcome[0] == "timeout":
-                        timed_out.append(job["idx"][0])
-                    else:
-                        errors.setdefault(outcome[1], []).append(job["idx"][0])
-        finally:
-            for job in running:  # left only by an exception (a bad score list, Ctrl-C)
-                _stop(job["proc"])
+    scores, errors, timed_out = reward_pool.run(reward_fn, inputs, timeout_s=timeout_s,
+                                                num_workers=num_workers,
+                                                check=functools.partial(_check_scores, name))
     keys = list(dict.fromkeys(k for s in scores if s is not None for k in s)) or ["overall"]
     nonfinite = [i for i, s in enumerate(scores) if s and not math.isfinite(s["overall"])]
     for i in nonfinite:
@@ -300,49 +238,19 @@ def score_batch(reward_fn, inputs, *, timeout_s=10.0, num_workers=None):
         log.warning("reward %s gave a NaN or inf overall on %d of %d samples: counted as failed, "
                     "left out of the advantages", name, len(nonfinite), n)
     if timed_out:
-        log.warning("reward %s ran over %.1f s on %d of %d samples, scored 0", name, timeout_s, len(timed_out), n)
+        log.warning("reward %s ran over %.1f s on %d of %d samples, scored 0", name, timeout_s,
+                    len(timed_out), n)
     failed = sum(map(len, errors.values())) + len(nonfinite)
     return scores, {"reward/failed": float(failed), "reward/timed_out": float(len(timed_out))}
 
 
-def _spawn():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))  # to unpickle what we do
-    return subprocess.Popen([sys.executable, "-c", f"import {__name__}; {__name__}._serve()"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-
-
-def _stop(proc):
-    proc.kill()  # SIGKILL stops it even inside C code that holds the GIL
-    return proc.wait()
-
-
 def _check_scores(name, n, scores):
-    if not isinstance(scores, (list, tuple)) or len(scores) != n:
-        got = f"{len(scores)} scores" if isinstance(scores, (list, tuple)) else f"a {type(scores).__name__}"
-        raise ValueError(f"reward function {name} returned {got} for {n} inputs, expected a list of {n} dicts")
+    is_list = isinstance(scores, (list, tuple))
+    if not is_list or len(scores) != n:
+        got = f"{len(scores)} scores" if is_list else f"a {type(scores).__name__}"
+        raise ValueError(f"reward function {name} returned {got} for {n} inputs, expected a list "
+                         f"of {n} dicts")
     for s in scores:
         if not isinstance(s, dict) or not isinstance(s.get("overall"), (int, float)):
-            raise ValueError(f"reward function {name} returned {s!r:.200} without a numeric 'overall'")
-
-
-def _serve():
-    """Worker loop: for each line on stdin, the path of a pickled (reward_fn, inputs), write b"R"
-    (started), then the length and pickle of ("ok", scores) or ("error", text) to stdout."""
-    try:  # die with the trainer even if it is SIGKILLed: Linux prctl(PR_SET_PDEATHSIG = 1, SIGKILL)
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # what the reward prints goes to stderr; stdout carries the results
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its warnings are about the timeouts we turn off
-    for line in sys.stdin:
-        out.write(b"R")
-        out.flush()
-        try:
-            with open(line.strip(), "rb") as f:
-                reward_fn, inputs = pickle.load(f)
-            result = pickle.dumps(("ok", reward_fn(inputs)))
-        except BaseException as e:  # SystemExit from a reward is a failure to report too
-            result = pickle.dumps(("error", f"{type(e).__name__}: {e}"))
-        out.write(len(result).to_bytes(8, "little") + result)
-        out.flush()
+            raise ValueError(f"reward function {name} returned {s!r:.200} without a numeric "
+                             "'overall'")

@@ -13,7 +13,7 @@ import reward
 
 THINK = "<think>Angle sum in a triangle is 180.</think> "
 
-# (response, ground_truth, (overall, format, accuracy)) for compute_score, format_weight 0.1
+# (response, ground_truth, (overall, format, accuracy)) for math_score, format_weight 0.1
 MATH_CASES = [
     (THINK + "\\boxed{3}", "3", (1.0, 1.0, 1.0)),
     (THINK + "\\boxed{4}", "3", (0.1, 1.0, 0.0)),
@@ -31,9 +31,10 @@ MATH_CASES = [
     (THINK + "\\boxed{60°}", "60", (1.0, 1.0, 1.0)),
     (THINK + "\\boxed{5 \\text{ cm}}", "5", (1.0, 1.0, 1.0)),
     (THINK + "\\boxed{5}", "5 cm", (1.0, 1.0, 1.0)),
-    (THINK + "\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", (1.0, 1.0, 1.0)),  # nested braces
+    # nested braces
+    (THINK + "\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", (1.0, 1.0, 1.0)),
     (THINK + "\\boxed{3", "3", (0.0, 0.0, 0.0)),  # unclosed: no answer, and no format
-    (THINK + "\\boxed{3} so \\boxed{4", "3", (0.1, 1.0, 0.0)),  # the last box is unclosed: no answer
+    (THINK + "\\boxed{3} so \\boxed{4", "3", (0.1, 1.0, 0.0)),  # the last box is unclosed
     (THINK + "\\boxed{2} no, \\boxed{3}", "3", (1.0, 1.0, 1.0)),  # the last box wins
     (THINK + "\\boxed{3} no, \\boxed{2}", "3", (0.1, 1.0, 0.0)),
     ("\\boxed{3}", "3", (0.9, 0.0, 1.0)),  # no think block
@@ -51,15 +52,16 @@ MATH_CASES = [
 
 
 @pytest.mark.parametrize("response,ground_truth,expected", MATH_CASES)
-def test_compute_score_grades_table(response, ground_truth, expected):
-    (s,) = reward.compute_score([{"response": response, "ground_truth": ground_truth, "other": 1}])
+def test_math_score_grades_table(response, ground_truth, expected):
+    (s,) = reward.math_score([{"response": response, "ground_truth": ground_truth, "other": 1}])
     assert (s["overall"], s["format"], s["accuracy"]) == pytest.approx(expected, abs=1e-12)
 
 
 def test_format_check_equals_easyr1_regex_and_is_linear():
     pattern = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
     pieces = ["<think>", "</think>", "\\boxed{", "}", "x", "\n", "{"]
-    texts = [r for r, _, _ in MATH_CASES[:-1]] + [a + b + c + d for a in pieces for b in pieces for c in pieces for d in pieces]
+    texts = [r for r, _, _ in MATH_CASES[:-1]]
+    texts += [a + b + c + d for a in pieces for b in pieces for c in pieces for d in pieces]
     for text in texts:
         assert reward.has_boxed_format(text) == bool(pattern.fullmatch(text)), text
     adversarial = "<think>" + "</think>\\boxed{" * 6000  # the regex takes minutes on this
@@ -81,7 +83,8 @@ R1V_CASES = [
     ("<think>x</think><answer>4</answer>", "3", (0.5, 1.0, 0.0)),
     ("<answer>3</answer>", "3", (0.5, 0.0, 1.0)),  # no think block
     ("<think>x</think><answer>3</answer> more", "3", (0.5, 0.0, 1.0)),  # text after the answer
-    ("<think>x</think>\n\n<answer>\n3\n</answer>", "<answer> 3 </answer>", (1.0, 1.0, 1.0)),  # R1-V gold
+    # R1-V's gold
+    ("<think>x</think>\n\n<answer>\n3\n</answer>", "<answer> 3 </answer>", (1.0, 1.0, 1.0)),
     ("<think>x</think> 3", "3", (0.0, 0.0, 0.0)),  # no answer block
     ("<think>x</think> \\boxed{3}", "3", (0.0, 0.0, 0.0)),
 ]
@@ -117,18 +120,22 @@ CHOICE_CASES = [  # (boxed answer, ground truth, choices, accuracy)
 
 @pytest.mark.parametrize("answer,ground_truth,choices,accuracy", CHOICE_CASES)
 def test_choice_score_grades_table(answer, ground_truth, choices, accuracy):
-    x = {"response": THINK + "\\boxed{" + answer + "}", "ground_truth": ground_truth, "choices": choices}
-    (s,) = reward.choice_score([x])
-    assert (s["overall"], s["format"], s["accuracy"]) == pytest.approx((0.9 * accuracy + 0.1, 1.0, accuracy))
+    response = THINK + "\\boxed{" + answer + "}"
+    (s,) = reward.choice_score([{"response": response, "ground_truth": ground_truth,
+                                 "choices": choices}])
+    want = (0.9 * accuracy + 0.1, 1.0, accuracy)
+    assert (s["overall"], s["format"], s["accuracy"]) == pytest.approx(want)
 
 
 def test_random_score_is_deterministic_fair_coin():
-    inputs = [{"response": THINK + f"\\boxed{{{i}}}" if i % 3 else f"{i}", "ground_truth": "1"} for i in range(64)]
-    a, b, c = reward.random_score(inputs), reward.random_score(inputs), reward.random_score(inputs, seed=3)
+    inputs = [{"response": THINK + f"\\boxed{{{i}}}" if i % 3 else f"{i}", "ground_truth": "1"}
+              for i in range(64)]
+    a, b = reward.random_score(inputs), reward.random_score(inputs)
+    c = reward.random_score(inputs, seed=3)
     assert a == b and a != c
     assert {s["overall"] for s in a} == {0.0, 1.0} and all(s["overall"] == s["accuracy"] for s in a)
     assert [s["format"] for s in a] == [float(i % 3 != 0) for i in range(64)]
-    assert reward.random_score(inputs[::-1]) == a[::-1]  # a sample's coin does not depend on its position
+    assert reward.random_score(inputs[::-1]) == a[::-1]  # a coin does not depend on its position
 
 
 def test_grading_off_the_main_thread_matches_main_thread():
@@ -136,10 +143,14 @@ def test_grading_off_the_main_thread_matches_main_thread():
     inputs = [{"response": r, "ground_truth": g} for r, g, _ in MATH_CASES[:20]]
     expected = [e[2] for _, _, e in MATH_CASES[:20]]  # 14 of them 1.0
     box = []
-    thread = threading.Thread(target=lambda: box.append([s["accuracy"] for s in reward.compute_score(inputs)]))
+
+    def grade():
+        box.append([s["accuracy"] for s in reward.math_score(inputs)])
+
+    thread = threading.Thread(target=grade)
     thread.start()
     thread.join()
-    assert box == [expected] and [s["accuracy"] for s in reward.compute_score(inputs)] == expected
+    assert box == [expected] and [s["accuracy"] for s in reward.math_score(inputs)] == expected
 
 
 REWARD_FILE = '''
@@ -159,7 +170,8 @@ def score(inputs):
             with open(x["pid_file"], "w") as f:
                 f.write(str(os.getpid()))
             time.sleep(60)
-        out.append({"overall": float(x["response"] == x["ground_truth"]), "length": len(x["response"]), "tag": "t"})
+        right = float(x["response"] == x["ground_truth"])
+        out.append({"overall": right, "length": len(x["response"]), "tag": "t"})
     return out
 
 def one_short(inputs):
@@ -180,10 +192,12 @@ def reward_file(tmp_path):
 
 
 def test_load_reward_names_and_errors(reward_file, tmp_path):
-    assert reward.load_reward() is reward.compute_score
-    assert [reward.load_reward(s) for s in ("r1v", "choice", "random")] == [reward.r1v_score, reward.choice_score, reward.random_score]
+    assert reward.load_reward() is reward.math_score
+    assert [reward.load_reward(s) for s in ("r1v", "choice", "random")] == [
+        reward.r1v_score, reward.choice_score, reward.random_score]
     fn = reward.load_reward(f"{reward_file}:score")
-    assert fn([{"response": "a", "ground_truth": "a"}]) == [{"overall": 1.0, "length": 1, "tag": "t"}]
+    assert fn([{"response": "a", "ground_truth": "a"}]) == [
+        {"overall": 1.0, "length": 1, "tag": "t"}]
     with pytest.raises(FileNotFoundError, match="missing.py"):
         reward.load_reward(f"{tmp_path}/missing.py:score")
     with pytest.raises(AttributeError, match="my_reward.py has no function 'nope'"):
@@ -196,27 +210,35 @@ def test_load_reward_names_and_errors(reward_file, tmp_path):
 
 def test_score_batch_runs_a_file_reward_and_keeps_its_extra_keys(reward_file):
     inputs = [{"response": r, "ground_truth": "ab"} for r in ("ab", "abc", "x", "ab")]
-    scores, stats = reward.score_batch(reward.load_reward(f"{reward_file}:score"), inputs, num_workers=2)
-    assert scores == [{"overall": o, "length": n, "tag": "t"} for o, n in ((1.0, 2), (0.0, 3), (0.0, 1), (1.0, 2))]
+    fn = reward.load_reward(f"{reward_file}:score")
+    scores, stats = reward.score_batch(fn, inputs, num_workers=2)
+    want = [(1.0, 2), (0.0, 3), (0.0, 1), (1.0, 2)]
+    assert scores == [{"overall": o, "length": n, "tag": "t"} for o, n in want]
     assert stats == {"reward/failed": 0.0, "reward/timed_out": 0.0}
 
 
 def test_score_batch_math_matches_in_process():
     inputs = [{"response": r, "ground_truth": g} for r, g, _ in MATH_CASES]
-    scores, stats = reward.score_batch(reward.compute_score, inputs, num_workers=2)
-    assert scores == reward.compute_score(inputs) and stats == {"reward/failed": 0.0, "reward/timed_out": 0.0}
+    scores, stats = reward.score_batch(reward.math_score, inputs, num_workers=2)
+    assert scores == reward.math_score(inputs)
+    assert stats == {"reward/failed": 0.0, "reward/timed_out": 0.0}
 
 
 def test_score_batch_zeroes_samples_that_raise_or_die(reward_file, caplog):
-    responses = ["a", "raise", "a", "die", "b", "raise", "a", "a"]  # 1 worker: chunks of 2, each bad one re-run alone
+    # 1 worker: chunks of 2, each bad one re-run alone
+    responses = ["a", "raise", "a", "die", "b", "raise", "a", "a"]
     inputs = [{"response": r, "ground_truth": "a"} for r in responses]
     with caplog.at_level(logging.WARNING, logger="reward"):
-        scores, stats = reward.score_batch(reward.load_reward(f"{reward_file}:score"), inputs, num_workers=1)
-    zero, one = {"overall": 0.0, "length": 0.0, "tag": 0.0}, {"overall": 1.0, "length": 1, "tag": "t"}
-    assert scores == [one, zero, one, zero, {"overall": 0.0, "length": 1, "tag": "t"}, zero, one, one]
+        fn = reward.load_reward(f"{reward_file}:score")
+        scores, stats = reward.score_batch(fn, inputs, num_workers=1)
+    zero = {"overall": 0.0, "length": 0.0, "tag": 0.0}
+    one = {"overall": 1.0, "length": 1, "tag": "t"}
+    wrong = {"overall": 0.0, "length": 1, "tag": "t"}
+    assert scores == [one, zero, one, zero, wrong, zero, one, one]
     assert stats == {"reward/failed": 3.0, "reward/timed_out": 0.0}
     messages = [r.getMessage() for r in caplog.records]
-    assert sum("ZeroDivisionError: bad sample" in m and "2 of 8" in m for m in messages) == 1  # once per error
+    # once per error
+    assert sum("ZeroDivisionError: bad sample" in m and "2 of 8" in m for m in messages) == 1
     assert sum("exited with code 3" in m for m in messages) == 1
 
 
@@ -242,8 +264,10 @@ def test_score_batch_kills_a_hanging_sample(reward_file, tmp_path):
     responses = ["a", "b", "a", "hang", "a", "a", "b", "a"]
     inputs = [{"response": r, "ground_truth": "a", "pid_file": str(pid_file)} for r in responses]
     t = time.monotonic()
-    scores, stats = reward.score_batch(reward.load_reward(f"{reward_file}:score"), inputs, timeout_s=1.0, num_workers=1)
-    assert time.monotonic() - t < 8  # 2 x timeout_s (its chunk of 2, then itself alone) plus worker starts
+    fn = reward.load_reward(f"{reward_file}:score")
+    scores, stats = reward.score_batch(fn, inputs, timeout_s=1.0, num_workers=1)
+    # 2 x timeout_s (its chunk of 2, then itself alone) plus worker starts
+    assert time.monotonic() - t < 8
     assert [s["overall"] for s in scores] == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
     assert scores[3] == {"overall": 0.0, "length": 0.0, "tag": 0.0}
     assert stats == {"reward/failed": 0.0, "reward/timed_out": 1.0}
@@ -251,18 +275,25 @@ def test_score_batch_kills_a_hanging_sample(reward_file, tmp_path):
         os.kill(int(pid_file.read_text()), 0)
 
 
-@pytest.mark.parametrize("name,message", [("one_short", "returned 1 scores for 2 inputs"), ("no_overall", "returned .* without a numeric 'overall'")])
+MALFORMED = [("one_short", "returned 1 scores for 2 inputs"),
+             ("no_overall", "returned .* without a numeric 'overall'")]
+
+
+@pytest.mark.parametrize("name,message", MALFORMED)
 def test_score_batch_rejects_malformed_scores(reward_file, name, message):
     fn = reward.load_reward(f"{reward_file}:{name}")
     with pytest.raises(ValueError, match=f"my_reward.py:{name} {message}"):
-        reward.score_batch(fn, [{"response": "a", "ground_truth": "a"}] * 8, num_workers=1)  # chunks of 2
+        # chunks of 2
+        reward.score_batch(fn, [{"response": "a", "ground_truth": "a"}] * 8, num_workers=1)
 
 
 def test_score_batch_bounds_a_math_verify_hang():
     # With its timeouts off, math-verify never returns on this answer: only a kill stops it.
-    inputs = [{"response": THINK + "\\boxed{3}", "ground_truth": "3"}, {"response": THINK + "\\boxed{9^{9^{9^{9}}}}", "ground_truth": "3"}]
+    inputs = [{"response": THINK + "\\boxed{3}", "ground_truth": "3"},
+              {"response": THINK + "\\boxed{9^{9^{9^{9}}}}", "ground_truth": "3"}]
     t = time.monotonic()
-    scores, stats = reward.score_batch(reward.compute_score, inputs, timeout_s=1.0, num_workers=2)
+    scores, stats = reward.score_batch(reward.math_score, inputs, timeout_s=1.0, num_workers=2)
     assert time.monotonic() - t < 6
-    assert scores == [{"overall": 1.0, "format": 1.0, "accuracy": 1.0}, {"overall": 0.0, "format": 0.0, "accuracy": 0.0}]
+    assert scores == [{"overall": 1.0, "format": 1.0, "accuracy": 1.0},
+                      {"overall": 0.0, "format": 0.0, "accuracy": 0.0}]
     assert stats["reward/timed_out"] == 1.0
