@@ -204,12 +204,12 @@ def main():
         print("| model | device | master | memory options | update tok/s | log-prob tok/s | update MFU | peak |")
         return model_bench(args)
     sys.path.insert(0, ROOT)
+    import tiny
     import train
 
     cfg = train.parse_flags(flags)
     if cfg.model_path == "tiny":  # build (or find) the tiny default, as train.py would
-        model_dir, data_dir = train.prepare_tiny(cfg.cache_dir, warm_start_steps=cfg.warm_start_steps,
-                                                 grounded_steps=cfg.warm_start_grounded_steps)
+        model_dir, data_dir = tiny.prepare(cfg.cache_dir)
     else:
         model_dir, data_dir = cfg.model_path, None
     rows = {}

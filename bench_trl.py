@@ -5,9 +5,9 @@
 
 The last line of stdout is one JSON object (bench.py reads it); progress and checks go to stderr.
 The model folder is the one `python train.py` builds; without training, build it with .venv:
-    .venv/bin/python -c "import train; train.prepare_tiny('.cache/tiny', warm_start_steps=150, grounded_steps=30)"
+    .venv/bin/python -c "import tiny; tiny.prepare('.cache/tiny')"
 
-The workload is read from train.py itself (`train.parse_flags([])`: the dataclass plus the TINY
+The workload is read from train.py itself (`train.parse_flags([])`: the dataclass plus tiny.TINY's
 overrides), so this side follows the defaults that our trainer runs. One step of ours:
 32 prompts x G=5 = 160 completions of at most 24 tokens (temperature 1, top_p 1), then
 32 / 16 = 2 optimizer steps of 80 completions each, in micro-batches of 40 (gradient accumulation
@@ -49,7 +49,7 @@ Prompts, images and reward are the project's own: data.build_prompt resizes each
 [min_pixels, max_pixels] and renders the chat text; the same user turn is given to TRL as chat
 messages, and every row's rendered text is checked to equal build_prompt's, and the first rows'
 token ids and pixel_values as TRL tokenizes them to equal data.encode_prompt's. The reward is
-reward.compute_score (math-verify; 0.9 accuracy + 0.1 format), imported from the repo root.
+reward.math_score (math-verify; 0.9 accuracy + 0.1 format), imported from the repo root.
 
 Timing: wall clock between the ends of every second optimizer step (a TrainerCallback), so a step
 includes data loading, generation, scoring, the two updates and logging; the first step of ours is
@@ -146,9 +146,9 @@ def build_dataset(data_dir, processor, cfg):
 
 
 def seed_math_reward(completions, answer, **kwargs):
-    """reward.compute_score (the reward our trainer uses by default) in TRL's signature."""
+    """reward.math_score (the reward our trainer uses by default) in TRL's signature."""
     inputs = [{"response": c[0]["content"], "ground_truth": a} for c, a in zip(completions, answer)]
-    return [s["overall"] for s in reward.compute_score(inputs)]
+    return [s["overall"] for s in reward.math_score(inputs)]
 
 
 def check_prompt_encoding(trainer, dataset, processor, n=8):

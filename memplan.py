@@ -244,8 +244,11 @@ def report(p):
 
 def plan_from_config(cfg, world_size, gpu_gib):
     """(report, fits) for a train.Config: what `train.py --dry_run=true` prints."""
-    use_ref = cfg.algo == "mpo" or cfg.algo == "grpo" and cfg.kl_coef > 0
+    algo = getattr(cfg, "algo", "grpo")  # train_offline.py's sft / mpo, or train.py's GRPO
+    use_ref = algo == "mpo" or algo == "grpo" and cfg.kl_coef > 0
     flags = {k: getattr(cfg, k) for k in inspect.signature(plan).parameters if hasattr(cfg, k)}
+    flags.update({f"freeze_{part}": part in cfg.freeze.split(",") for part in
+                  ("vision", "merger", "llm")})
     p = plan(load_config(cfg.model_path), world_size=world_size, gpu_gib=gpu_gib, use_ref=use_ref,
              **flags)  # plan's settings are named as train.Config's fields
     return report(p), p["fits"]

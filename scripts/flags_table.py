@@ -4,6 +4,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tiny  # noqa: E402
 import train  # noqa: E402
 
 body = open(train.__file__).read().split("class Config:")[1].split("\n\n")[0]
@@ -15,5 +16,5 @@ for line in body.splitlines():
     if m:
         name, _, comment = m.groups()
         default = getattr(train.Config, name)
-        tiny = f"`{train.TINY[name]}`" if name in train.TINY else ""
-        print(f"| `--{name}` | `{default}` | {tiny} | {(comment or '').replace('|', '/')} |")
+        tiny_default = f"`{tiny.TINY[name]}`" if name in tiny.TINY else ""
+        print(f"| `--{name}` | `{default}` | {tiny_default} | {(comment or '').replace('|', '/')} |")

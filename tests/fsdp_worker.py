@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import model as modeling  # noqa: E402
+import tiny  # noqa: E402
 import train  # noqa: E402
 
 VARIANTS = {  # name -> load_fsdp_model options; "base" is the default wrap
@@ -35,7 +36,7 @@ VARIANTS = {  # name -> load_fsdp_model options; "base" is the default wrap
 def make_samples(processor, data_dir, mixed):
     rows = data.load_rows(f"{data_dir}@train")
     g = torch.Generator().manual_seed(0)
-    n_plain = len(processor.tokenizer) - len(modeling.SPECIAL_TOKENS)
+    n_plain = len(processor.tokenizer) - len(tiny.SPECIAL_TOKENS)
     samples = []  # the same 8 samples on every rank: 4 prompts x 2 responses of different lengths
     for i in range(8):
         if i % 2 == 0:  # a group's rows share the prompt, as rollouts do (collate's share_prompts)
@@ -53,7 +54,7 @@ def full_state(policy):
     return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def step(policy, samples, rank, world, share_prompts=True, chunk=None):
+def step(policy, samples, rank, world, share_prompts=True, chunk=None, on_policy=False):
     """One optimizer_step on this rank's share; returns (optimizer, stats, gradients, updated state).
     Micro-batches of 2 rows are one group each: with share_prompts its prompt runs once."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.01)
@@ -68,8 +69,12 @@ def step(policy, samples, rank, world, share_prompts=True, chunk=None):
                        share_prompts=share_prompts)
     share = len(samples) // world
     chunk = samples[rank * share:(rank + 1) * share] if chunk is None else chunk  # this rank's rows
-    stats = train.optimizer_step(policy, optimizer, chunk, cfg, use_kl=True,
-                                 world_size=world, device=torch.device("cpu"), pad_id=0, banned_ids=[])
+    adv = torch.tensor([s["adv"] for s in chunk])
+    stats, fresh = train.optimizer_step(policy, optimizer, chunk, adv, cfg, on_policy=on_policy,
+                                        use_kl=True, device=torch.device("cpu"), pad_id=0,
+                                        banned_ids=[])
+    for s, old, ent in zip(chunk, *fresh) if fresh else ():  # as train.main keeps them
+        s["old_logp"], s["entropy"] = old, ent
     stats = {k: v / world for k, v in train.all_reduce(stats).items()}  # what train.py logs
     names = [n for n, _ in policy.named_parameters()]
     return optimizer, {"stats": stats, "grads": grads, "state": full_state(policy), "names": names}
@@ -148,8 +153,9 @@ def main(model_dir, data_dir, out_path, mode="plain"):
                     if rank == 0:  # save_hf's folder read back here: same kernels and thread count
                         hf = modeling.load_model(out_path + ".hf")
                         out[name]["hf_logp"] = modeling.token_logprobs(hf, batch)
-        # On-policy: samples without old_logp take their own forward's, detached (train.main skips that
-        # forward for the first optimizer step); the reference computes it in train.py's no-grad pass.
+        # On-policy: the update takes its own forward's log-probs, detached, as old_logp (train.main
+        # skips that forward for the first optimizer step); the reference computes them in a
+        # no-grad pass first, as train.py does for the later updates.
         share = len(samples) // world
         mine = [{k: v for k, v in s.items() if k != "old_logp"} for s in samples[rank * share:(rank + 1) * share]]
         for name, fresh in (("on_policy_ref", False), ("on_policy", True)):
@@ -157,11 +163,12 @@ def main(model_dir, data_dir, out_path, mode="plain"):
             if not fresh:  # on a model of its own (after a no-grad forward the root stays gathered, see below)
                 with torch.no_grad():
                     old = modeling.load_fsdp_model(model_dir, mesh, rank=rank)
-                    for micro, mb in train.micro_batches(todo, 2, 0, torch.device("cpu"), share_prompts=True):
-                        for s, lp in zip(micro, modeling.token_logprobs(old, mb)):
+                    cfg = train.Config(micro_batch_size=2, share_prompts=True)
+                    for j, mb in train.micro_batches(todo, cfg, 0, torch.device("cpu")):
+                        for s, lp in zip(todo[j:j + 2], modeling.token_logprobs(old, mb)):
                             s["old_logp"] = lp[:len(s["response_ids"])]
             policy = modeling.load_fsdp_model(model_dir, mesh, rank=rank)
-            _, out[name] = step(policy, samples, rank, world, chunk=todo)
+            _, out[name] = step(policy, samples, rank, world, chunk=todo, on_policy=fresh)
             out[name]["old_logp"] = [None] * world
             dist.all_gather_object(out[name]["old_logp"], [(s["old_logp"], s.get("entropy")) for s in todo])
         out["batch"] = batch

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import tiny
 
 
 def test_synthetic_data_has_geometry3k_schema(tiny_dir):
@@ -27,7 +28,7 @@ def test_synthetic_answer_is_the_number_of_shapes():
 
     rng = random.Random(5)
     for _ in range(20):
-        img, count = data.draw_shapes(rng)
+        img, count = tiny.draw_shapes(rng)
         pixels = img.load()
         # A cell holds a shape iff any pixel in it is not white.
         filled = sum(any(pixels[x, y] != (255, 255, 255) for x in range(cx, cx + 28) for y in range(cy, cy + 28))
@@ -385,8 +386,8 @@ def test_synthetic_sft_and_preference_jsonl_round_trip(tiny_dir, processor, monk
     assert summary == f"{tiny_dir[1]}/pref.jsonl: 16 pref examples from 16 rows"
     for t, s, c, p in zip(train, sft, chord, pref, strict=True):
         assert t["text"] == s["text"] == c["text"] == p["text"] and pixels(t) == pixels(s) == pixels(p)
-        assert s["response"] == c["response"] == p["chosen"] == data.synthetic_response(t["answer"])
-        assert p["rejected"] in {data.synthetic_response(k) for k in "1234"} - {p["chosen"]}
+        assert s["response"] == c["response"] == p["chosen"] == tiny.synthetic_response(t["answer"])
+        assert p["rejected"] in {tiny.synthetic_response(k) for k in "1234"} - {p["chosen"]}
         assert s["answer"] is None and p["answer"] is None and c["answer"] == t["answer"]
         assert set(p) == {"text", "images", "answer", "chosen", "rejected", "row"}
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import model as modeling
+from export import export_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,14 +143,14 @@ def test_bf16_master_weights_train_but_lose_small_updates(tiny_dir, variants):
 
 def test_exported_checkpoint_gives_the_trained_log_probs(tiny_dir, variants, tmp_path):
     """A checkpoint written by 2 ranks after one step (activation-checkpointed, so the wrapped names
-    must not leak into it), exported by `python model.py export` in one process, loads in
+    must not leak into it), exported by `python export.py` in one process, loads in
     transformers with exactly the trained weights and save_hf's folder's log-probs; save_hf's folder
     gives exactly the trained FSDP model's log-probs in the worker; and a bf16 export holds the same
     weights rounded."""
     out_path, res = variants
     model_dir, _ = tiny_dir
     trained = res["checkpointing"]
-    cmd = [sys.executable, os.path.join(ROOT, "model.py"), "export", out_path + ".ckpt", f"--model_path={model_dir}",
+    cmd = [sys.executable, os.path.join(ROOT, "export.py"), out_path + ".ckpt", f"--model_path={model_dir}",
            f"--out={tmp_path / 'hf'}"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -170,15 +171,15 @@ def test_exported_checkpoint_gives_the_trained_log_probs(tiny_dir, variants, tmp
     # Across processes, float32 round-off alone: the worker ran with 1 thread, this process with
     # the machine's count, and CPU kernels may sum in another order for another thread count.
     assert torch.allclose(logp[out_path + ".hf"], trained["logp"], atol=1e-5, rtol=0)
-    bf16 = modeling.export_checkpoint(out_path + ".ckpt", model_dir, str(tmp_path / "bf16"), dtype=torch.bfloat16)
+    bf16 = export_checkpoint(out_path + ".ckpt", model_dir, str(tmp_path / "bf16"), dtype=torch.bfloat16)
     state = modeling.load_model(bf16, dtype=torch.bfloat16).state_dict()
     assert all(torch.equal(w, trained["state"][k].to(torch.bfloat16)) for k, w in state.items())
 
 
 def test_on_policy_step_takes_its_old_log_probs_from_its_own_forward(variants):
-    """Samples without old_logp (the first optimizer step of a rollout: train.main skips their no-grad
-    forward) take the step's own log-probs, detached: the same step, bit for bit, as old log-probs from
-    a separate forward, and each sample keeps those log-probs (and its entropy) for the metrics."""
+    """optimizer_step(on_policy=True) (the first update of a rollout: train.main skips its no-grad
+    forward) takes the step's own log-probs, detached, as old_logp: the same step, bit for bit, as
+    old log-probs from a separate forward, and it returns those log-probs (and the entropies)."""
     ref, fresh = variants[1]["on_policy_ref"], variants[1]["on_policy"]
     assert ref["stats"] == fresh["stats"] and fresh["stats"]["clip_frac"] == 0  # ratio 1: nothing clipped
     for k, w in ref["state"].items():

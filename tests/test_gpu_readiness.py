@@ -12,24 +12,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run_as_on_gpu(tmp_path, *flags):
+def run_as_on_gpu(tmp_path, world, *flags):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           os.path.join(ROOT, "tests", "gpu_group_worker.py"), *flags, f"--cache_dir={tmp_path / 'cache'}",
-           f"--out_dir={out}", "--warm_start_steps=3", "--max_steps=2", "--rollout_batch_size=8",
+           os.path.join(ROOT, "tests", "gpu_group_worker.py"), *flags, f"--model_path={world[0]}",
+           f"--train_data={world[1]}/train.parquet", f"--val_data={world[1]}/test.parquet",
+           f"--out_dir={out}", "--max_steps=2", "--rollout_batch_size=8",
            "--global_batch_size=4", "--num_generations=4", "--micro_batch_size=6", "--val_max_prompts=8",
            "--max_response_length=16", "--save_freq=1", "--save_limit=0", "--val_freq=0"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=ENV)
     return out, res
 
 
-def test_the_gpu_process_group_serves_every_collective_of_a_run(tmp_path):
+def test_the_gpu_process_group_serves_every_collective_of_a_run(tmp_path, tiny_world):
     """2 ranks through rollout (vLLM), reward, update, sync, validation, checkpoints and save_hf.
     --val_freq=0: validation before and after only; --save_limit=0: every checkpoint kept."""
-    out, res = run_as_on_gpu(tmp_path)
+    out, res = run_as_on_gpu(tmp_path, tiny_world)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in records if "reward/overall" in r] == [1, 2]

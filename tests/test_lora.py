@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import data
 import model as modeling
+from export import export_checkpoint
 from test_fsdp import initial_state, run_worker
 from test_model import make_batch
 
@@ -163,7 +164,7 @@ def test_sharded_lora_saves_merged_hf_folder_adapter_and_checkpoint(tiny_dir, tw
     one = adapted(tiny_dir[0])
     one.load_state_dict(res["state"])
     merged = modeling.hf_state_dict(one, one.state_dict())  # B @ A in this process
-    exported = modeling.export_checkpoint(out_path + ".ckpt", tiny_dir[0], str(tmp_path / "export"))
+    exported = export_checkpoint(out_path + ".ckpt", tiny_dir[0], str(tmp_path / "export"))
     # Each folder holds the same bits as the merge done in the process that wrote it: save_hf's in
     # the worker, export_checkpoint's here (B @ A may round differently under another thread count).
     for folder, want in ((out_path + ".hf", res["state_merged"]), (exported, merged)):

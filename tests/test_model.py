@@ -7,14 +7,15 @@ import torch
 
 import data
 import model as modeling
+import tiny
 
 
 def test_tiny_model_is_deterministic_and_consistent(tiny_dir, tmp_path):
     model_dir, _ = tiny_dir
     texts = ["How many shapes? <think>x</think> \\boxed{3}"] * 50
-    a = modeling.build_tiny_model(str(tmp_path / "a"), texts, seed=3)
-    b = modeling.build_tiny_model(str(tmp_path / "b"), texts, seed=3)
-    c = modeling.build_tiny_model(str(tmp_path / "c"), texts, seed=4)
+    a = tiny.build_tiny_model(str(tmp_path / "a"), texts, seed=3)
+    b = tiny.build_tiny_model(str(tmp_path / "b"), texts, seed=3)
+    c = tiny.build_tiny_model(str(tmp_path / "c"), texts, seed=4)
     wa, wb, wc = (modeling.load_model(p).state_dict() for p in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not torch.equal(wa["lm_head.weight"], wc["lm_head.weight"])
@@ -104,7 +105,7 @@ def make_batch(tiny_dir, n_image=3, with_text=True):
                                              tokenize=False)
         prompts.append({"text": text, "images": [], "answer": "5"})
     g = torch.Generator().manual_seed(0)
-    n_plain = len(processor.tokenizer) - len(modeling.SPECIAL_TOKENS)  # the sampler never emits special tokens
+    n_plain = len(processor.tokenizer) - len(tiny.SPECIAL_TOKENS)  # the sampler never emits special tokens
     samples = []
     for k, p in enumerate(prompts):
         length = 3 + 4 * k  # responses of different lengths, so padding differs per row
@@ -152,7 +153,7 @@ def test_shared_prompts_give_the_full_rows_log_probs_and_gradients(tiny_dir):
     prompt in groups of 3 responses of different lengths; and with every response one token long."""
     processor, prompts = make_batch(tiny_dir)
     g = torch.Generator().manual_seed(1)
-    n_plain = len(processor.tokenizer) - len(modeling.SPECIAL_TOKENS)
+    n_plain = len(processor.tokenizer) - len(tiny.SPECIAL_TOKENS)
     policy = modeling.load_model(tiny_dir[0])
     for lengths in ((1, 6, 3), (1, 1, 1)):
         samples = [{**p, "response_ids": torch.randint(0, n_plain, (n,), generator=g).tolist()}

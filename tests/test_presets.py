@@ -28,13 +28,15 @@ def test_presets_cover_the_family():
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
-def test_preset_runs_on_tiny_default(path, tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "preset-cache"  # shared: the warm start is built once
+def test_preset_runs_on_tiny_default(path, tmp_path_factory, tiny_world):
     out = tmp_path_factory.mktemp("preset")
     flags = preset_flags(path)
     cfg = train.parse_flags(flags)
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags, f"--cache_dir={cache}", f"--out_dir={out}",
-           "--warm_start_steps=3", "--max_steps=2", "--rollout_batch_size=8", "--global_batch_size=4",
+    model, data = tiny_world  # chord.sh's synthetic/sft.parquet: in tiny_world's data folder
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags, f"--out_dir={out}",
+           f"--model_path={model}", f"--train_data={data}/train.parquet",
+           f"--val_data={data}/test.parquet", f"--cache_dir={os.path.dirname(data)}",
+           "--max_steps=2", "--rollout_batch_size=8", "--global_batch_size=4",
            "--num_generations=4", "--micro_batch_size=8", "--val_max_prompts=8", "--max_response_length=16",
            "--max_sample_tries=2", "--sft_batch_size=4", "--save_hf=false"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(out),

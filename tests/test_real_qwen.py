@@ -17,6 +17,8 @@ import data
 import model as modeling
 import real_qwen
 import rollout
+import tiny
+from export import export_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = [real_qwen.ID["<|im_end|>"], real_qwen.ID["<|endoftext|>"]]
@@ -182,7 +184,7 @@ def test_save_hf_and_export_carry_the_real_generation_config(fsdp_policy, parts,
     ckpt = str(tmp_path / "ckpt")
     optimizer = torch.optim.AdamW(fsdp_policy.parameters())
     modeling.save_checkpoint(ckpt, fsdp_policy, optimizer, {"step": 0}, rank=0)
-    export = modeling.export_checkpoint(ckpt, real_dir, str(tmp_path / "export"))
+    export = export_checkpoint(ckpt, real_dir, str(tmp_path / "export"))
     for out in (hf, export):
         got = json.load(open(os.path.join(out, "generation_config.json")))
         assert {k: got.get(k) for k in want} == want, out
@@ -233,7 +235,7 @@ def test_short_train_run_on_the_real_layout(real_dir, tmp_path, sampler):
     """Two GRPO steps from the real-layout folder with either sampler: the sampler's log-probs are
     the trainer's (train.py also refuses vLLM prompt ids that differ from the processor's), and
     out_dir/hf carries the real generation_config."""
-    data_dir = data.make_synthetic(str(tmp_path / "data"), n_train=8, n_test=4, seed=0)
+    data_dir = tiny.make_synthetic(str(tmp_path / "data"), n_train=8, n_test=4, seed=0)
     out = tmp_path / "out"
     flags = [f"--model_path={real_dir}", f"--train_data={data_dir}/train.parquet",
              f"--val_data={data_dir}/test.parquet", f"--out_dir={out}",

@@ -7,13 +7,24 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+WORLD = {}  # conftest.tiny_world
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world(tiny_world):
+    WORLD["model"], WORLD["data"] = tiny_world
+
+
 def cmd(tmp_path, out, *extra):
-    return [sys.executable, os.path.join(ROOT, "train.py"), f"--cache_dir={tmp_path.parent / 'cache'}",
-            f"--out_dir={out}", "--warm_start_steps=3", "--rollout_batch_size=8", "--global_batch_size=4",
+    return [sys.executable, os.path.join(ROOT, "train.py"), f"--model_path={WORLD['model']}",
+            f"--train_data={WORLD['data']}/train.parquet",
+            f"--out_dir={out}", "--rollout_batch_size=8", "--global_batch_size=4",
             "--num_generations=4", "--micro_batch_size=8", "--max_response_length=8", "--sampler=hf",
             "--val_data=", "--save_hf=false", "--reward=random", *extra]
 

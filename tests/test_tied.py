@@ -13,7 +13,9 @@ import data
 import fsdp_worker
 import model as modeling
 import rollout
+import tiny
 import train
+from export import export_checkpoint
 from test_rollout import max_logp_diff, perturb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,9 +30,9 @@ def is_tied(model):
 def tied_dir(tiny_dir, tmp_path_factory):
     """(model_dir, data_dir): conftest's tiny model with tie_word_embeddings=True, its data."""
     fmt = data.MATH_FORMAT_PROMPT.replace("{{ content | trim }}", "")
-    texts = [q + fmt for q in data.QUESTIONS] + [data.synthetic_response(k) for k in range(10)]
+    texts = [q + fmt for q in tiny.QUESTIONS] + [tiny.synthetic_response(k) for k in range(10)]
     out = str(tmp_path_factory.mktemp("tied") / "model")
-    return modeling.build_tiny_model(out, texts * 20, seed=0, tie_word_embeddings=True), tiny_dir[1]
+    return tiny.build_tiny_model(out, texts * 20, seed=0, tie_word_embeddings=True), tiny_dir[1]
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +136,9 @@ def test_two_fsdp_ranks_take_the_plain_models_step_on_a_tied_model(tied_dir, wor
         {n: p.grad.clone() for n, p in plain.named_parameters() if p.grad is not None}))
     cfg = train.Config(micro_batch_size=2, max_response_length=12, clip_eps_low=0.2,
                        clip_eps_high=0.3, share_prompts=False)
-    stats = train.optimizer_step(plain, optimizer, samples, cfg, use_kl=True, world_size=1,
-                                 device=torch.device("cpu"), pad_id=0, banned_ids=[])
+    stats, _ = train.optimizer_step(plain, optimizer, samples, torch.tensor([s["adv"] for s in samples]),
+                                    cfg, on_policy=False, use_kl=True, device=torch.device("cpu"),
+                                    pad_id=0, banned_ids=[])
     two = worker[1]["step"]
     for key in ("loss/policy", "loss/kl", "grad_norm"):
         assert abs(stats[key] - two["stats"][key]) < 1e-5, (key, stats[key], two["stats"][key])
@@ -171,7 +174,7 @@ def test_tied_exports_reload_tied_with_the_trained_log_probs(tied_dir, worker, t
     checkpoint) load in transformers tied, with the trained weights and exactly the trained FSDP
     model's log-probs."""
     out_path, res = worker
-    exported = modeling.export_checkpoint(out_path + ".ckpt", tied_dir[0], str(tmp_path / "hf"))
+    exported = export_checkpoint(out_path + ".ckpt", tied_dir[0], str(tmp_path / "hf"))
     trained = res["step"]["state"]
     for folder in (exported, out_path + ".hf"):
         model = modeling.load_model(folder)

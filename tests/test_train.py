@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -12,7 +13,9 @@ import time
 import pytest
 import torch
 
+import tiny
 import train
+import train_offline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,17 +34,26 @@ def test_flags_parse_both_forms_and_reject_mistakes():
     (["--val_freq=-1"], "--val_freq"), (["--sampler=sglang"], "--sampler"), (["--micro_batch_size=0"], "--micro_batch_size"),
     (["--num_generations=1"], "--num_generations"), (["--temperature=0"], "--temperature"), (["--top_p=1.5"], "--top_p"),
     (["--rollout_batch_size=10", "--global_batch_size=4"], "--global_batch_size"), (["--max_pixels=10"], "--max_pixels"),
-    (["--algo=ppo"], "--algo"), (["--master_dtype=float16"], "--master_dtype"), (["--loss_agg=sum"], "--loss_agg")])
+    (["--freeze=vision,eyes"], "--freeze"), (["--master_dtype=float16"], "--master_dtype"), (["--loss_agg=sum"], "--loss_agg")])
 def test_bad_flag_values_are_refused_at_parse_time_by_name(flags, named):
     with pytest.raises(SystemExit) as e:
         train.parse_flags(flags)
     assert named in str(e.value)
 
 
+def test_offline_flags_are_train_flags_and_their_own():
+    cfg = train.parse_flags(["--algo=mpo", "--mpo_beta=0.2"], train_offline.OfflineConfig)
+    assert (cfg.algo, cfg.mpo_beta, cfg.lr) == ("mpo", 0.2, tiny.TINY["lr"])
+    with pytest.raises(SystemExit, match="--algo"):
+        train.parse_flags(["--algo=ppo"], train_offline.OfflineConfig)
+    with pytest.raises(SystemExit, match="unknown flag --algo"):  # GRPO only in train.py
+        train.parse_flags(["--algo=sft"])
+
+
 def test_tiny_default_overrides_only_unset_flags():
     cfg = train.parse_flags(["--lr=0.5"])
     assert cfg.model_path == "tiny" and cfg.lr == 0.5
-    assert cfg.rollout_batch_size == train.TINY["rollout_batch_size"] != train.Config.rollout_batch_size
+    assert cfg.rollout_batch_size == tiny.TINY["rollout_batch_size"] != train.Config.rollout_batch_size
     # A real model on the default (synthetic) data keeps the seed recipe: the tiny sizes are the tiny model's.
     real = train.parse_flags(["--model_path=Qwen/Qwen2.5-VL-7B-Instruct"])
     assert real.train_data.startswith("synthetic") and real == train.Config(model_path=real.model_path)
@@ -57,17 +69,29 @@ def test_readme_flags_table_matches_config():
         assert documented[name] == str(default), (name, documented[name], default)
 
 
+WORLD = {}  # the tiny model (3 warm-start steps) and its data, built once: conftest.tiny_world
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world(tiny_world):
+    WORLD["model"], WORLD["data"] = tiny_world
+
+
 def train_cmd(tmp_path, nproc, out, *extra):
-    flags = [f"--cache_dir={tmp_path / 'cache'}", f"--out_dir={out}", "--warm_start_steps=3", "--max_steps=2",
-             "--rollout_batch_size=8", "--global_batch_size=4", "--num_generations=4", "--micro_batch_size=6",
-             "--val_max_prompts=8", "--max_response_length=16", *extra]
+    flags = [f"--model_path={WORLD['model']}", f"--train_data={WORLD['data']}/train.parquet",
+             f"--val_data={WORLD['data']}/test.parquet", f"--cache_dir={tmp_path / 'cache'}",
+             f"--out_dir={out}", "--max_steps=2", "--rollout_batch_size=8", "--global_batch_size=4",
+             "--num_generations=4", "--micro_batch_size=6", "--val_max_prompts=8",
+             "--max_response_length=16", *extra]
+    script = os.path.join(ROOT, "train_offline.py" if any(f.startswith("--algo=") for f in extra)
+                          else "train.py")
     if nproc == 1:
-        return [sys.executable, os.path.join(ROOT, "train.py"), *flags]
+        return [sys.executable, script, *flags]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(port), os.path.join(ROOT, "train.py"), *flags]
+            str(port), script, *flags]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -78,18 +102,20 @@ def read_metrics(out):
     return [r for r in lines if "reward/overall" in r], [r for r in lines if "val/accuracy" in r]
 
 
-def run_train(tmp_path, nproc, name, *extra):
+def run_train(tmp_path, nproc, name, *extra, env=ENV):
     out = tmp_path / name
     res = subprocess.run(train_cmd(tmp_path, nproc, out, *extra), capture_output=True, text=True, timeout=600,
-                         cwd=str(tmp_path), env=ENV)
+                         cwd=str(tmp_path), env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    return (out, *read_metrics(out), res.stdout)
+    return (out, *read_metrics(out), res.stdout + res.stderr)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
-    return run_train(tmp, 1, "one"), run_train(tmp, 2, "two")
+    wandb = ("--wandb_project=grpo-test", "--wandb_name=one")
+    return (run_train(tmp, 1, "one", *wandb, env={**ENV, "WANDB_MODE": "offline"}),
+            run_train(tmp, 2, "two"))
 
 
 PHASES = ("time/rollout", "time/reward", "time/logprobs", "time/update", "time/sync", "time/step")
@@ -108,6 +134,54 @@ def test_short_run_keeps_sampler_and_trainer_in_sync(runs):
         assert "val/accuracy" in stdout.splitlines()[-1] or "done:" in stdout
 
 
+def wandb_history(out):
+    """The history rows of the offline wandb run in out. wandb 0.31 writes protobuf records in a
+    LevelDB-style log: a 7-byte header, then 32 KiB blocks of chunks, each crc (4 bytes), length
+    (2), type (1: full, 2: first, 3: middle, 4: last) and data; a block's tail under 7 bytes is
+    padding."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    buf, pos, part, rows = path.read_bytes(), 7, b"", []
+    while pos + 7 <= len(buf):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        _, n, kind = struct.unpack("<IHB", buf[pos:pos + 7])
+        part, pos = part + buf[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):
+            record, part = wandb_internal_pb2.Record.FromString(part), b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                             for i in record.history.item})
+    return rows
+
+
+def test_the_run_leaves_curves_samples_and_a_wandb_copy_and_prints_little(runs):
+    """What a user sees: curves.png, every validation generation in samples/, the same metrics
+    in the offline wandb run as in metrics.jsonl, and a short console (no library noise)."""
+    from PIL import Image
+
+    import plot
+
+    (out, steps, vals, console), (_, _, _, console2) = runs
+    assert Image.open(out / "curves.png").size[0] > 300
+    assert "reward" in plot.draw_curves(out / "metrics.jsonl", out / "again.png")
+    for step in (0, 2):
+        rows = [json.loads(line) for line in open(out / "samples" / f"step_{step}.jsonl")]
+        assert len(rows) == 8 and {"prompt", "response", "ground_truth", "overall"} <= rows[0].keys()
+        assert sum(r["overall"] for r in rows) / 8 == pytest.approx(vals[step // 2]["val/overall"])
+    logged = {r["_step"]: r for r in wandb_history(out)}
+    for r in steps:
+        assert all(logged[r["step"]][k] == pytest.approx(v) for k, v in r.items() if k != "step")
+    assert logged[2]["val/accuracy"] == vals[1]["val/accuracy"]
+    for text in (console, console2):  # 2 steps, 2 validations (2 samples shown each), a summary
+        lines = [line for line in text.split("\n") if line.strip()]  # a bar's \r: one line
+        assert len(lines) <= 40, text[-3000:]
+        for noise in ("set_num_threads", "Failed to load weights", "Traceback", "Reloading"):
+            assert noise not in text, noise
+
+
 def test_two_ranks_sample_their_shares_of_the_same_batch(runs):
     (_, one, _, _), (_, two, _, _) = runs
     # Seeds follow the global prompt index, so two ranks drawing half the prompts each sample
@@ -123,11 +197,11 @@ def test_final_model_loads_and_matches_the_trainer(runs):
 
     model = AutoModelForImageTextToText.from_pretrained(out / "hf")
     AutoProcessor.from_pretrained(out / "hf")
-    start = AutoModelForImageTextToText.from_pretrained(next((out.parent / "cache").glob("model-*")))
+    start = AutoModelForImageTextToText.from_pretrained(WORLD["model"])
     changed = [n for n, p in model.state_dict().items() if not p.equal(start.state_dict()[n])]
     assert len(changed) > 0.9 * len(start.state_dict())  # the saved model is the trained one
     # vLLM loads the folder with its own loader (not sync_weights) and samples what transformers scores.
-    data_dir = out.parent / "cache" / "data"
+    data_dir = WORLD["data"]
     res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "vllm_export_worker.py"), str(out / "hf"),
                           str(data_dir)], capture_output=True, text=True, timeout=300, env=ENV)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -221,14 +295,14 @@ def test_sft_then_grpo_and_mpo_share_the_sft_term(tmp_path):
     import math
 
     offline = ("--rollout_batch_size=8", "--global_batch_size=8")
-    sft_out, _, _, _ = run_train(tmp_path, 1, "sft", "--algo=sft", "--train_data=synthetic/sft.jsonl", *offline)
+    sft_out, _, _, _ = run_train(tmp_path, 1, "sft", "--algo=sft", f"--train_data={WORLD['data']}/sft.jsonl", *offline)
     assert sft_out.joinpath("hf", "config.json").exists()
     sft_steps = [json.loads(line) for line in open(sft_out / "metrics.jsonl") if "loss/sft" in line]
     assert [r["step"] for r in sft_steps] == [1, 2] and all(r["grad_norm"] > 0 for r in sft_steps)
-    assert train.parse_flags([f"--model_path={sft_out / 'hf'}"]).lr == train.TINY["lr"]  # trained from the tiny
+    assert train.parse_flags([f"--model_path={sft_out / 'hf'}"]).lr == tiny.TINY["lr"]  # trained from the tiny
     _, grpo_steps, _, stdout = run_train(tmp_path, 1, "grpo", f"--model_path={sft_out / 'hf'}", "--max_steps=1")
     assert "model " + str(sft_out / "hf") in stdout and grpo_steps[0]["rollout/logp_diff_max"] < 1e-4
-    mpo_out, _, _, _ = run_train(tmp_path, 2, "mpo", "--algo=mpo", "--train_data=synthetic/pref.jsonl", *offline)
+    mpo_out, _, _, _ = run_train(tmp_path, 2, "mpo", "--algo=mpo", f"--train_data={WORLD['data']}/pref.jsonl", *offline)
     mpo = [json.loads(line) for line in open(mpo_out / "metrics.jsonl") if "mpo/loss_dpo" in line]
     assert mpo[0]["mpo/loss_dpo"] == pytest.approx(math.log(2), abs=1e-6)
     assert mpo[0]["mpo/loss_bco"] == pytest.approx(2 * math.log(2), abs=1e-6)
@@ -246,7 +320,7 @@ def test_lora_run_syncs_merged_weights_and_trains_only_the_adapted_linears(tmp_p
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["rollout/logp_diff_max"] < 1e-4 and r["grad_norm"] > 0 for r in steps)
     trained = AutoModelForImageTextToText.from_pretrained(out / "hf").state_dict()
-    start = AutoModelForImageTextToText.from_pretrained(next((tmp_path / "cache").glob("model-*"))).state_dict()
+    start = AutoModelForImageTextToText.from_pretrained(WORLD["model"]).state_dict()
     adapted = {n for n in trained if ".language_model.layers." in n and n.endswith(
         tuple(f"{t}.weight" for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))}
     assert len(adapted) == 14  # 7 linears x 2 layers
@@ -273,5 +347,5 @@ def test_rows_with_two_images_sample_with_vllm_and_sft_finds_its_own_rows(tmp_pa
     assert steps[0]["tokens/image"] == 8 * 4 * 2 * 4  # 8 prompts x 4 samples x 2 images x 4 tokens each
     assert steps[0]["rollout/logp_diff_max"] < 1e-4
     out, _, _, stdout = run_train(tmp_path, 1, "sft", "--algo=sft", "--max_steps=1", "--val_data=",
-                                  "--rollout_batch_size=8", "--global_batch_size=8")
+                                  "--rollout_batch_size=8", "--global_batch_size=8", "--train_data=")
     assert "sft.jsonl" in stdout and json.loads(open(out / "metrics.jsonl").readline())["loss/sft"] > 0

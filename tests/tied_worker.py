@@ -36,9 +36,10 @@ def second_step(policy, optimizer, samples, rank, world):
     cfg = train.Config(micro_batch_size=2, max_response_length=12, clip_eps_low=0.2,
                        clip_eps_high=0.3)
     share = len(samples) // world
-    stats = train.optimizer_step(policy, optimizer, samples[rank * share:(rank + 1) * share], cfg,
-                                 use_kl=True, world_size=world, device=torch.device("cpu"),
-                                 pad_id=0, banned_ids=[])
+    chunk = samples[rank * share:(rank + 1) * share]
+    stats, _ = train.optimizer_step(policy, optimizer, chunk, torch.tensor([s["adv"] for s in chunk]),
+                                    cfg, on_policy=False, use_kl=True, device=torch.device("cpu"),
+                                    pad_id=0, banned_ids=[])
     stats = {k: v / world for k, v in train.all_reduce(stats).items()}
     return {"stats": stats, "state": fsdp_worker.full_state(policy)}
 
