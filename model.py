@@ -29,7 +29,7 @@ from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, Offl
                                     fully_shard)
 from torch.utils.checkpoint import checkpoint
 from transformers import (AttentionInterface, AutoConfig, DynamicCache, GenerationConfig,
-                          Qwen2_5_VLForConditionalGeneration)
+                          Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -85,7 +85,7 @@ def linear_patch_embed(model):
     (Conv3dLayer._forward_mulmat), so sampler and trainer compute it alike. Same parameter."""
     embed = model.model.visual.patch_embed
     proj = embed.proj
-    assert proj.kernel_size == proj.stride and proj.bias is None, "not a plain strided Conv3d"
+    assert proj.kernel_size == proj.stride, "not a plain strided Conv3d"
     # Bound to this module, so a deepcopy runs on its own weights.
     embed.forward = types.MethodType(_patch_embed_matmul, embed)
     return model
@@ -93,13 +93,25 @@ def linear_patch_embed(model):
 
 def _patch_embed_matmul(self, x):
     w = self.proj.weight
-    return F.linear(x.to(w.dtype), w.reshape(self.proj.out_channels, -1))
+    return F.linear(x.to(w.dtype), w.reshape(self.proj.out_channels, -1), self.proj.bias)
+
+
+# The architectures trained here, by config.model_type (Qwen3-VL's MoE variants are not).
+MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+                 "qwen3_vl": Qwen3VLForConditionalGeneration}
+
+
+def model_class(config):
+    if config.model_type not in MODEL_CLASSES:
+        raise ValueError(f"model type {config.model_type!r} is not one of {list(MODEL_CLASSES)}")
+    return MODEL_CLASSES[config.model_type]
 
 
 def load_model(path, *, dtype=torch.float32, device="cpu"):
-    """Qwen2.5-VL from a hub id or local folder, whole, on one device."""
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, attn_implementation=attention_implementation())
+    """Qwen2.5-VL or Qwen3-VL from a hub id or local folder, whole, on one device."""
+    config = AutoConfig.from_pretrained(path)
+    model = model_class(config).from_pretrained(path, config=config, dtype=dtype,
+                                                attn_implementation=attention_implementation())
     return linear_patch_embed(model).to(device)
 
 
@@ -138,11 +150,15 @@ def apply_fsdp(model, mesh, *, param_dtype=torch.float32, reduce_dtype=torch.flo
     outside the recompute; names gain "_checkpoint_wrapped_module." (see unwrapped_name). Each
     frozen part is a unit of its own, with no gradient to reduce at all."""
     visual, lm = model.model.visual, model.model.language_model
-    for part, frozen in ((visual.patch_embed, freeze_vision), (visual.blocks, freeze_vision),
-                         (visual.merger, freeze_merger), (lm, freeze_llm),
-                         (model.lm_head, freeze_llm)):
-        if frozen:
-            part.requires_grad_(False)
+    # Qwen3-VL's vision tower adds a learned position embedding, and mergers into early decoder
+    # layers (deepstack); both architectures name the rest alike.
+    mergers = [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
+    tower = [visual.patch_embed, visual.blocks, getattr(visual, "pos_embed", None)]
+    for parts, frozen in ((tower, freeze_vision), (mergers, freeze_merger),
+                          ([lm, model.lm_head], freeze_llm)):
+        for part in parts if frozen else []:
+            if part is not None:
+                part.requires_grad_(False)
     if activation_checkpointing:
         for blocks in (visual.blocks, lm.layers):
             for i, block in enumerate(blocks):
@@ -152,7 +168,7 @@ def apply_fsdp(model, mesh, *, param_dtype=torch.float32, reduce_dtype=torch.flo
     offload = CPUOffloadPolicy(pin_memory=pin) if cpu_offload else OffloadPolicy()
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     options = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
-    for unit in (*visual.blocks, visual.merger, visual, *lm.layers):
+    for unit in (*visual.blocks, *mergers, visual, *lm.layers):
         fully_shard(unit, reshard_after_forward=reshard_after_forward, **options)
     fully_shard(model, **options)
     model.reshard_after_forward = reshard_after_forward  # what rollout.generate_hf restores
@@ -168,9 +184,9 @@ def load_fsdp_model(path, mesh, *, rank, master_dtype=torch.float32, lora=None, 
     Kahan-summing AdamW). lora: apply_lora's keywords, applied to the meta model and to rank 0's
     copy alike, so the names match and every rank gets rank 0's adapters."""
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(
-            AutoConfig.from_pretrained(path), dtype=master_dtype,
-            attn_implementation=attention_implementation())
+        config = AutoConfig.from_pretrained(path)
+        model = model_class(config)._from_config(config, dtype=master_dtype,
+                                                 attn_implementation=attention_implementation())
     try:  # config.json names one eos (<|im_end|>); Qwen's generation_config.json adds <|endoftext|>
         model.generation_config = GenerationConfig.from_pretrained(path)
     except OSError:  # the folder has none
@@ -272,7 +288,9 @@ def mrope_position_ids(input_ids, attention_mask, image_grid_thw, *, image_token
     """Qwen2.5-VL's 3-D rotary positions (3, B, L): text tokens count up on all three axes; the
     tokens of an image with merged grid (t, h, w) take (start + t_idx, start + h_idx, start + w_idx)
     and the text after it resumes at start + max(h, w). Padding gets 0. Written out, as
-    transformers' get_rope_index changes signature across versions; a test checks both agree."""
+    transformers' get_rope_index changes signature across versions; tests check both agree.
+    Qwen3-VL's are the same for images (it differs for video: timestamps; it interleaves the
+    axes over the rotary frequencies, inside its rotary embedding)."""
     B, L = input_ids.shape
     pos = torch.zeros(3, B, L, dtype=torch.long, device=input_ids.device)
     grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
@@ -313,11 +331,13 @@ def vlm_forward(model, batch, position_ids, **kwargs):
             pixels = torch.zeros(4, vis.in_channels * vis.temporal_patch_size * vis.patch_size ** 2,
                                  device=batch["input_ids"].device)
             grid = torch.tensor([[1, 2, 2]], device=pixels.device)
-            features = model.model.get_image_features(pixels, grid)
-            features = getattr(features, "pooler_output", features)  # an output object in 5.x
-            features = torch.cat(features) if isinstance(features, (list, tuple)) else features
+            out = model.model.get_image_features(pixels, grid)
+            # Qwen3-VL's deepstack mergers (features for early decoder layers) must run too.
+            total = 0
+            for f in (out.pooler_output, *(getattr(out, "deepstack_features", None) or [])):
+                total = total + (torch.cat(f) if isinstance(f, (list, tuple)) else f).sum()
             embeds = kw["inputs_embeds"]
-            kw["inputs_embeds"] = embeds + 0.0 * features.sum().to(embeds.dtype)
+            kw["inputs_embeds"] = embeds + 0.0 * total.to(embeds.dtype)
             return args, kw
 
         hook = model.model.language_model.register_forward_pre_hook(add_dummy_vision,

@@ -18,7 +18,9 @@ from PIL import Image, ImageDraw
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoProcessor, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                          Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+                          Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
+                          Qwen3VLVideoProcessor)
 
 import data
 import grpo
@@ -58,6 +60,10 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3-VL-Instruct's template (images only) differs in one thing: no default system turn. (The
+# Thinking variants also open the assistant turn with "<think>\n" themselves.)
+QWEN3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", "")
 QUESTIONS = ["<image>How many shapes are in the figure?", "<image>Count the shapes in the figure.",
              "How many shapes does the figure show? <image>"]
 
@@ -150,11 +156,12 @@ def warm_start(model_dir, data_dir, out_dir, *, steps, grounded_steps, seed, bat
 
 # ----------------------------------------------------------------------------- the model
 def build_tiny_model(out_dir, texts, *, seed=0, vocab_size=1024, min_pixels=56 * 56,
-                     max_pixels=112 * 112, tie_word_embeddings=False):
-    """Write a random tiny Qwen2.5-VL (model, tokenizer, processor) that transformers and vLLM
-    load. texts: the corpus the byte-level BPE is trained on. Shapes follow vLLM's CPU limits: text
-    head_dim 32 (16 fails there), mrope_section summing to head_dim / 2. Deterministic for a seed.
-    tie_word_embeddings: lm_head shares embed_tokens' weight, as in Qwen2.5-VL-3B (7B is untied)."""
+                     max_pixels=112 * 112, tie_word_embeddings=False, arch="qwen2_5_vl"):
+    """Write a random tiny Qwen2.5-VL, or Qwen3-VL with arch="qwen3_vl" (model, tokenizer,
+    processor), that transformers and vLLM load. texts: the corpus the byte-level BPE is trained
+    on. Shapes follow vLLM's CPU limits: text head_dim 32 (16 fails there), mrope_section summing
+    to head_dim / 2. Deterministic for a seed. tie_word_embeddings: lm_head shares embed_tokens'
+    weight, as in Qwen2.5-VL-3B and Qwen3-VL-2B/4B (the larger ones are untied)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
@@ -164,32 +171,47 @@ def build_tiny_model(out_dir, texts, *, seed=0, vocab_size=1024, min_pixels=56 *
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(texts, trainer)
     bpe.add_special_tokens(SPECIAL_TOKENS)
+    template = QWEN3_CHAT_TEMPLATE if arch == "qwen3_vl" else CHAT_TEMPLATE
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+                                  pad_token="<|endoftext|>", chat_template=template,
                                   model_max_length=32768)
     tok.padding_side = "left"
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     pad, eos = ids["<|endoftext|>"], ids["<|im_end|>"]
-
-    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok,
-                                    video_processor=Qwen2VLVideoProcessor(),
-                                    chat_template=CHAT_TEMPLATE)
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
     text = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                rope_parameters=rope, bos_token_id=pad, eos_token_id=eos, pad_token_id=pad)
-    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
-                  fullatt_block_indexes=[1], window_size=112)
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision,
-                              tie_word_embeddings=tie_word_embeddings,
-                              image_token_id=ids["<|image_pad|>"],
-                              video_token_id=ids["<|video_pad|>"],
-                              vision_start_token_id=ids["<|vision_start|>"],
-                              vision_end_token_id=ids["<|vision_end|>"],
-                              bos_token_id=pad, eos_token_id=eos, pad_token_id=pad)
+                bos_token_id=pad, eos_token_id=eos, pad_token_id=pad)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128)
+    config = dict(tie_word_embeddings=tie_word_embeddings, image_token_id=ids["<|image_pad|>"],
+                  video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"],
+                  vision_end_token_id=ids["<|vision_end|>"])
+    if arch == "qwen3_vl":  # patch 16, deepstack into both decoder layers, interleaved mRoPE
+        image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels,
+                                                patch_size=16, image_mean=[0.5] * 3,
+                                                image_std=[0.5] * 3)
+        processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok,
+                                     video_processor=Qwen3VLVideoProcessor(),
+                                     chat_template=template)
+        text["head_dim"] = 32
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5000000.0,
+                                   "mrope_section": [6, 5, 5], "mrope_interleaved": True}
+        vision.update(depth=3, deepstack_visual_indexes=[0, 1], num_position_embeddings=64)
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, **config)
+        model_class = Qwen3VLForConditionalGeneration
+    else:
+        image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+        processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok,
+                                        video_processor=Qwen2VLVideoProcessor(),
+                                        chat_template=template)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
+                                   "mrope_section": [4, 6, 6]}
+        vision.update(fullatt_block_indexes=[1], window_size=112)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, bos_token_id=pad,
+                                  eos_token_id=eos, pad_token_id=pad, **config)
+        model_class = Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).float()
+    model = model_class(config).float()
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = pad
     os.makedirs(out_dir, exist_ok=True)
