@@ -21,6 +21,12 @@ merged token) plus --text_len prompt tokens and --response_len response tokens. 
 sequences are G responses per prompt and each prompt runs once (train.py's --share_prompts): tokens/s
 still counts every sequence's tokens (what is trained), MFU only the FLOPs computed.
 
+A third mode times the trainer's log-prob pass and update on a Geometry3K-like mix of lengths
+(LENGTH_MIX, scaled to the tiny model), micro-batches by token budget against micro-batches of 4
+rows, and ends with the real-token share and seconds per step of each:
+
+    .venv/bin/python bench.py --workload=lengths [--steps 5] [--cache_dir=...]
+
 Printed per implementation (first mode): seconds per step and per phase (rollout, reward, old/ref log-probs,
 update, weight sync), tokens/s (prompt + image + response tokens trained per step over the step
 time, EasyR1's definition; prompt tokens are processor-expanded so they include the image's),
@@ -183,6 +189,101 @@ def model_bench(args):
     dist.destroy_process_group()
 
 
+# Geometry3K with Qwen2.5-VL-7B: a prompt of ~385 tokens with its image, responses long-tailed with
+# mean ~340 and max 2,048 (lognormal: median 247, sigma 0.8, capped), G = 5; 32 prompts per
+# optimizer step (a rank's share of 128 in the README's 4-GPU command), one optimizer step a step
+# (the recipe takes 4), micro-batches of 4 rows (train.py's default).
+LENGTH_MIX = dict(prompt=385, median=247, sigma=0.8, cap=2048, G=5, prompts=32, updates=1, rows=4)
+
+
+def lengths_bench(args, flags):
+    """The trainer's log-prob pass and update on the length mix, budget on and off in turn on the
+    same rows. Scaled to the tiny model: its prompts (with their image) stand for Geometry3K's and
+    responses shrink by the same factor; random tokens, no sampling. Off: micro-batches of 4 rows;
+    on: a budget of 4 x (longest prompt + longest response), the same worst case."""
+    import dataclasses
+    import math
+    import random
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoProcessor
+
+    sys.path.insert(0, ROOT)
+    import data
+    import model as modeling
+    import tiny
+    import train
+
+    torch.set_num_threads(args.threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29534"))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    cfg, m = train.parse_flags(flags), LENGTH_MIX
+    model_dir, data_dir = tiny.prepare(cfg.cache_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    policy = modeling.load_fsdp_model(model_dir, init_device_mesh("cpu", (1,)), rank=0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, foreach=True)
+    rows, per_step = data.load_rows(f"{data_dir}@train"), m["prompts"] * m["updates"]
+    pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    prompts = [data.encode_prompt(data.build_prompt(rows[i], i, processor, **pixels), processor)
+               for i in range(per_step * (args.steps + 1))]
+    P = max(len(p["prompt_ids"]) for p in prompts)
+    scale = sum(len(p["prompt_ids"]) for p in prompts) / len(prompts) / m["prompt"]
+    T = math.ceil(m["cap"] * scale)
+    budget, rng = m["rows"] * (P + T), random.Random(0)
+    n_plain = len(processor.tokenizer) - len(tiny.SPECIAL_TOKENS)
+    batching = dict(pad_id=processor.tokenizer.pad_token_id, device=torch.device("cpu"),
+                    banned_ids=[])
+    runs = {f"on ({budget} tokens)": budget, f"off ({m['rows']} rows)": 0}
+    seen = {mode: {"seconds": [], "logprobs": [], "update": [], "share": [],
+                   "tokens": {"real": 0, "computed": 0}} for mode in runs}
+    for step in range(args.steps + 1):  # the first is a warm-up
+        samples = []
+        for p in prompts[step * per_step:(step + 1) * per_step]:
+            for _ in range(m["G"]):
+                r = min(m["cap"], rng.lognormvariate(math.log(m["median"]), m["sigma"]))
+                ids = [rng.randrange(n_plain) for _ in range(max(1, round(r * scale)))]
+                samples.append({**p, "response_ids": ids})
+        adv = torch.randn(len(samples), generator=torch.Generator().manual_seed(step))
+        n = len(samples) // m["updates"]
+        for mode, limit in runs.items():
+            c = dataclasses.replace(cfg, micro_batch_size=m["rows"], max_response_length=T,
+                                    max_tokens_per_micro_batch=limit)
+            tally = seen[mode]["tokens"] if step else {"real": 0, "computed": 0}
+            t0 = time.perf_counter()
+            logp = train.logprobs(policy, samples, c, **batching, temperature=1.0, tokens=tally)
+            for s, lp in zip(samples, logp):
+                s["old_logp"] = s["ref_logp"] = lp
+            t1 = time.perf_counter()
+            shares = [train.optimizer_step(policy, optimizer, samples[u * n:(u + 1) * n],
+                                           adv[u * n:(u + 1) * n], c, on_policy=False, use_kl=True,
+                                           **batching)[0]["update/real_token_share"]
+                      for u in range(m["updates"])]
+            if step:
+                seen[mode]["seconds"].append(time.perf_counter() - t0)
+                seen[mode]["logprobs"].append(t1 - t0)
+                seen[mode]["update"].append(time.perf_counter() - t1)
+                seen[mode]["share"] += shares
+    dist.destroy_process_group()
+    print(f"length mix: prompts of {scale * m['prompt']:.0f} tokens on average (at most {P}), "
+          f"{scale:.3f} of Geometry3K's; responses of at most {T}; {len(samples)} rows a step, "
+          f"{m['updates']} optimizer step(s); medians of {args.steps} steps after a warm-up")
+    print("| micro-batches | s / step | log-prob pass | update | real-token share: log-prob pass "
+          "| update | tokens computed / pass |\n|---|---|---|---|---|---|---|")
+    out = {}
+    for mode, r in seen.items():
+        out[mode] = (statistics.mean(r["share"]), statistics.median(r["seconds"]))
+        print(f"| {mode} | {out[mode][1]:.3f} | {statistics.median(r['logprobs']):.3f} | "
+              f"{statistics.median(r['update']):.3f} | "
+              f"{r['tokens']['real'] / r['tokens']['computed']:.3f} | {out[mode][0]:.3f} | "
+              f"{r['tokens']['computed'] / args.steps:.0f} |")
+    (on_share, on_s), (off_share, off_s) = out.values()
+    print(f"real-token share: budget on {on_share:.3f}, off {off_share:.3f}; "
+          f"seconds per step: on {on_s:.3f}, off {off_s:.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation, after one warm-up step")
@@ -199,7 +300,10 @@ def main():
     ap.add_argument("--text_len", type=int, default=200)
     ap.add_argument("--response_len", type=int, default=1024)
     ap.add_argument("--group", type=int, default=1, help="responses per prompt in a micro-batch (>1: each prompt runs once)")
+    ap.add_argument("--workload", default="", help="lengths: the length mix instead (LENGTH_MIX)")
     args, flags = ap.parse_known_args()  # the rest are train.py flags for our runs, e.g. --model_path=...
+    if args.workload == "lengths":
+        return lengths_bench(args, flags)
     if args.model:
         print("| model | device | master | memory options | update tok/s | log-prob tok/s | update MFU | peak |")
         return model_bench(args)

@@ -361,3 +361,20 @@ def collate(samples, pad_id, share_prompts=False):
                 v = torch.as_tensor(s[key], dtype=torch.float32)
                 batch[key][i, :len(v)] = v
     return batch
+
+
+
+def token_budget_batches(lengths, budget):
+    """Indices of rows with (prompt, response) `lengths` in micro-batches of at most `budget` tokens
+    as collate pads full rows, count x (longest prompt + longest response); shared prompts only
+    lower that. Longest responses first, filling one micro-batch after another (the fewest for equal
+    prompts); a row over the budget goes alone. Ascending inside: a group's rows stay adjacent."""
+    batches, longest = [], (0, 0)
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i][::-1], reverse=True):
+        fit = tuple(map(max, longest, lengths[i]))
+        if not batches or (len(batches[-1]) + 1) * sum(fit) > budget:
+            batches.append([])
+            fit = lengths[i]
+        batches[-1].append(i)
+        longest = fit
+    return [sorted(b) for b in batches]

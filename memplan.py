@@ -50,14 +50,14 @@ def load_config(model_path):
 def count_params(config):
     """Parameter counts of a meta-device build: vision (patch embed + blocks), merger, decoder
     layers, embed, lm_head (0 when tied: counted once), rest (final norm); one layer, one block,
-    the largest tensor."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    the largest tensor. Qwen3-VL's deepstack mergers count as merger."""
+    from model import model_class
 
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+        model = model_class(config)._from_config(config, attn_implementation="sdpa")
     n = dict(vision=0, merger=0, layers=0, embed=0, lm_head=0, rest=0, layer=0, block=0, largest=0)
     for name, p in model.named_parameters():  # a tied lm_head is the embedding: named once
-        n["merger" if ".merger." in name else "vision" if ".visual." in name else
+        n["merger" if "merger" in name else "vision" if ".visual." in name else
           "layers" if ".layers." in name else "embed" if "embed_tokens" in name else
           "lm_head" if name.startswith("lm_head") else "rest"] += p.numel()
         n["layer"] += p.numel() * (".layers.0." in name)
@@ -101,7 +101,8 @@ def plan(config, *, world_size, gpu_gib, micro_batch_size, max_prompt_length, ma
          lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
          freeze_vision=False, freeze_merger=False, freeze_llm=False, share_prompts=True,
          max_pixels=4194304, sampler="vllm", hf_batch_size=0, vllm_dtype="auto",
-         vllm_gpu_memory_utilization=0.6, vllm_kv_cache_mb=0, vllm_sleep_level=1, vllm_tp=1):
+         vllm_gpu_memory_utilization=0.6, vllm_kv_cache_mb=0, vllm_sleep_level=1, vllm_tp=1,
+         max_tokens_per_micro_batch=0):
     """dict(rows=[(phase, {column: bytes per rank})], peak=(phase, bytes), fits, notes). A phase's
     row is the largest of the moments listed in it; Adam's states count from step 2 on."""
     from model import LOGP_CHUNK_BYTES  # token_logprobs' float32 chunk of logits
@@ -129,9 +130,13 @@ def plan(config, *, world_size, gpu_gib, micro_batch_size, max_prompt_length, ma
     grads, adam = (0, 0) if cpu_offload else (trained * mb / W, 2 * trained * mb / W)
     ref = n["total"] * cb / W if use_ref and not ref_cpu_offload else 0
     # A micro-batch: B sequences; with shared prompts a window of B spans up to `prompts` groups.
-    B = min(micro_batch_size, global_batch_size * num_generations // W)
-    P, T = max_prompt_length, max_response_length
-    prompts = min(B, math.ceil((B - 1) / num_generations) + 1) if share_prompts else B
+    # A token budget bounds count x (longest prompt + longest response): B sequences of P + T, B
+    # perhaps a fraction (a longer row runs alone); sorted by length, each may have its own prompt.
+    P, T, budget = max_prompt_length, max_response_length, max_tokens_per_micro_batch
+    B = min(max(1, budget / (P + T)) if budget else micro_batch_size,
+            global_batch_size * num_generations // W)
+    windowed = share_prompts and not budget
+    prompts = min(B, math.ceil((B - 1) / num_generations) + 1) if windowed else B
     merge = vc.spatial_merge_size ** 2
     patches = merge * min(P, max_pixels // (vc.patch_size ** 2 * merge))  # an all-image prompt
     kv_token = L * 4 * kvh * d  # bf16 K and V of one token, all layers
@@ -201,8 +206,8 @@ def plan(config, *, world_size, gpu_gib, micro_batch_size, max_prompt_length, ma
              f"{g(n['merger'])}, {L} decoder layers {g(n['layers'])}, embed {g(n['embed'])}, "
              f"lm_head {g(n['lm_head'])}); {g(trained)} B trained, "
              f"{rollout_batch_size // global_batch_size} optimizer steps per step",
-             f"micro-batch: {B} sequences of {P} + {T} tokens, {prompts} prompt(s) of {patches} "
-             f"image patches; activation checkpointing {on}"]
+             f"micro-batch: {B:g} sequences of {P} + {T} tokens, {prompts:g} prompt(s) of "
+             f"{patches} image patches; activation checkpointing {on}"]
     if sampler == "vllm":
         notes.append(f"vLLM: {share / GIB:.1f} GiB = weights {vllm_weights / GIB:.1f} + runtime "
                      f"~{VLLM_RUNTIME / GIB:.0f} + KV cache {kv / GIB:.1f} "

@@ -122,6 +122,7 @@ class Config:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     global_batch_size: int = 128  # prompts per optimizer step (rollout_batch_size / it updates)
     micro_batch_size: int = 4  # sequences per forward/backward on one rank
+    max_tokens_per_micro_batch: int = 0  # > 0: a micro-batch's padded tokens, not micro_batch_size
     share_prompts: bool = True  # a micro-batch runs each group's prompt once
     max_steps: int = 60
     seed: int = 1
@@ -192,7 +193,8 @@ AT_LEAST = dict(num_generations=2, rollout_batch_size=1, global_batch_size=1, mi
                 max_sample_tries=1, sft_batch_size=1, max_bad_steps=1, hf_batch_size=0,
                 val_freq=0, save_freq=0, lora_rank=0, vllm_kv_cache_mb=0,
                 val_max_prompts=0, chord_decay_steps=1, chord_warmup_steps=0,
-                reward_timeout=1e-3, mismatch_cap=1.0, lr=0.0, kl_coef=0.0, gpu_memory_gib=0.0)
+                reward_timeout=1e-3, mismatch_cap=1.0, lr=0.0, kl_coef=0.0, gpu_memory_gib=0.0,
+                max_tokens_per_micro_batch=0)
 FREEZABLE = ("vision", "merger", "llm")
 
 
@@ -598,23 +600,41 @@ def unpad(values, mask):
     return [row[:int(n)].detach().float().cpu() for row, n in zip(values, mask.sum(1))]
 
 
-def micro_batches(samples, cfg, pad_id, device, size=None):
-    """(start index, padded batch on device) for consecutive slices of micro_batch_size samples."""
-    size = size or cfg.micro_batch_size
-    for j in range(0, len(samples), size):
-        batch = data.collate(samples[j:j + size], pad_id, share_prompts=cfg.share_prompts)
-        yield j, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+def micro_batches(samples, cfg, pad_id, device, size=None, tokens=None):
+    """(indices, padded batch on device): consecutive runs of `size` (micro_batch_size) samples, or
+    without `size` and with max_tokens_per_micro_batch, data.token_budget_batches'. Ranks may then
+    hold different counts, but every FSDP forward is collective: a rank with fewer repeats its last
+    micro-batch, with indices [] (discard it). `tokens` sums the real and computed tokens."""
+    n = size or cfg.micro_batch_size
+    parts = [list(range(j, min(j + n, len(samples)))) for j in range(0, len(samples), n)]
+    real = len(parts)
+    if cfg.max_tokens_per_micro_batch and not size:
+        parts = data.token_budget_batches(
+            [(len(s["prompt_ids"]), len(s["response_ids"])) for s in samples],
+            cfg.max_tokens_per_micro_batch)
+        real = len(parts)
+        parts += parts[-1:] * int(all_reduce({"n": real}, op=dist.ReduceOp.MAX)["n"] - real)
+    for k, idx in enumerate(parts):
+        batch = data.collate([samples[i] for i in idx], pad_id, share_prompts=cfg.share_prompts)
+        if tokens is not None:  # with shared prompts, attention_mask covers the prompts alone
+            runs = [batch["attention_mask"]] + [batch["response_mask"]] * cfg.share_prompts
+            tokens["real"] += sum(m.sum().item() for m in runs) * (k < real)
+            tokens["computed"] += sum(m.numel() for m in runs)
+        yield (idx if k < real else []), {name: v.to(device) if torch.is_tensor(v) else v
+                                          for name, v in batch.items()}
 
 
-def logprobs(model, samples, cfg, pad_id, device, banned_ids, temperature, with_entropy=False):
+def logprobs(model, samples, cfg, pad_id, device, banned_ids, temperature, with_entropy=False,
+             tokens=None):
     """Per-sample log-prob tensors under `model` (and entropies), no gradients, in micro-batches."""
-    out, ent = [], []
+    out, ent = [None] * len(samples), [None] * len(samples)
     with torch.no_grad():
-        for _, mb in micro_batches(samples, cfg, pad_id, device):
+        for idx, mb in micro_batches(samples, cfg, pad_id, device, tokens=tokens):
             res = modeling.token_logprobs(model, mb, temperature=temperature, banned_ids=banned_ids,
                                           with_entropy=with_entropy)
             for dest, values in zip((out, ent), res if with_entropy else (res,)):
-                dest += unpad(values, mb["response_mask"])
+                for i, v in zip(idx, unpad(values, mb["response_mask"])):
+                    dest[i] = v
     return (out, ent) if with_entropy else out
 
 
@@ -637,17 +657,21 @@ def optimizer_step(policy, optimizer, chunk, adv, cfg, *, on_policy, use_kl, pad
                num_seqs=counts["seqs"] / world_size, max_len=cfg.max_response_length)
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "kl": 0.0, "clip_frac": 0.0,
              "dual_clip_frac": 0.0, "ratio_max": 0.0}
-    fresh = ([], []) if on_policy else None
-    for j, mb in micro_batches(chunk, cfg, pad_id, device):
+    fresh = ([None] * len(chunk), [None] * len(chunk)) if on_policy else None
+    tokens = {"real": 0, "computed": 0}
+    for idx, mb in micro_batches(chunk, cfg, pad_id, device, tokens=tokens):
         mask = mb["response_mask"]
         logp = modeling.token_logprobs(policy, mb, temperature=cfg.temperature,
                                        banned_ids=banned_ids, with_entropy=on_policy)
         if on_policy:
             logp, entropy = logp
             mb["old_logp"] = logp.detach()
-            fresh[0].extend(unpad(logp, mask))
-            fresh[1].extend(unpad(entropy, mask))
-        pg, m = grpo.policy_loss(logp, mb["old_logp"], adv[j:j + len(mask)].to(device), mask,
+            for i, old, ent in zip(idx, unpad(logp, mask), unpad(entropy, mask)):
+                fresh[0][i], fresh[1][i] = old, ent
+        if not idx:  # another rank's extra micro-batch: the same collectives, a zero gradient
+            (0.0 * logp.sum()).backward()
+            continue
+        pg, m = grpo.policy_loss(logp, mb["old_logp"], adv[idx].to(device), mask,
                                  ratio_level=cfg.ratio_level, clip_eps_low=cfg.clip_eps_low,
                                  clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip or None)
         share = mask.sum().item() / agg["num_tokens"]  # this micro-batch's token share
@@ -675,6 +699,7 @@ def optimizer_step(policy, optimizer, chunk, adv, cfg, *, on_policy, use_kl, pad
                                          pad_id=pad_id, device=device, banned_ids=banned_ids,
                                          temperature=cfg.temperature)
         stats["chord/mu"] = mu
+    stats["update/real_token_share"] = tokens["real"] / tokens["computed"]
     stats["grad_norm"] = clip_and_step(policy, optimizer, cfg.max_grad_norm)
     return stats, fresh
 
@@ -684,10 +709,12 @@ def sft_backward(policy, samples, cfg, *, weight, phi, num_tokens, pad_id, devic
     """Backward of weight * the SFT loss (the response tokens' NLL, normalised by the global
     `num_tokens` per rank; CHORD-phi weights each token by p (1 - p)); returns the loss."""
     total = 0.0
-    for _, mb in micro_batches(list(samples), cfg, pad_id, device):
+    for idx, mb in micro_batches(list(samples), cfg, pad_id, device):
         logp = modeling.token_logprobs(policy, mb, temperature=temperature, banned_ids=banned_ids)
         loss = grpo.aggregate(grpo.sft_loss(logp, mb["response_mask"], phi=phi),
                               mb["response_mask"], num_tokens=num_tokens)
+        if not idx:  # another rank's extra micro-batch (micro_batches): a zero gradient
+            loss = 0.0 * loss
         (weight * loss).backward()
         total += loss.item()
     return total
@@ -813,14 +840,17 @@ def main(cfg):
         # --kl_in_reward (needed before the advantages) or LoRA dropout (noisy in train mode).
         on_policy = not (cfg.kl_in_reward or cfg.lora_dropout)
         later = samples[per_update:] if on_policy else samples
-        for s, old, ent in zip(later, *logprobs(policy, later, **batching,
+        tokens = {"real": 0, "computed": 0}  # the passes below: tokens not padding, and all
+        for s, old, ent in zip(later, *logprobs(policy, later, **batching, tokens=tokens,
                                                 temperature=cfg.temperature, with_entropy=True)):
             s["old_logp"], s["entropy"] = old, ent
         if ref is not None:
-            for s, ref_logp in zip(samples, logprobs(ref, samples, **batching,
+            for s, ref_logp in zip(samples, logprobs(ref, samples, **batching, tokens=tokens,
                                                      temperature=cfg.temperature)):
                 s["ref_logp"] = ref_logp
             ref.reshard()  # FSDP2 leaves a root gathered after a no-grad forward
+        if tokens["computed"]:  # else no pass ran (on-policy, one update, no reference model)
+            stats["logprobs/real_token_share"] = tokens["real"] / tokens["computed"]
         stats["time/logprobs"] = time.perf_counter() - t
         # -------------------------------------------------------------------- advantages
         if cfg.kl_in_reward:  # the KL penalty as a cost in the reward (old vs ref)
@@ -911,7 +941,7 @@ def step_metrics(step, samples, scores, adv, updates, stats, rounds, G, image_to
              "memory/peak_gb": peak_memory_gb(),
              **{k: sum(u[k] for u in updates) / len(updates) for k in updates[0]
                 if k != "ratio_max"},
-             **{k: v for k, v in stats.items() if k.startswith("time/")}}
+             **{k: v for k, v in stats.items() if k.startswith(("time/", "logprobs/"))}}
     # Tokens trained on (EasyR1's throughput counts prompt + image + response): the prompt ids
     # are processor-expanded, so they include the image's tokens.
     sums = {"tokens/prompt": sum(len(s["prompt_ids"]) for s in samples),

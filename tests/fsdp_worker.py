@@ -164,8 +164,8 @@ def main(model_dir, data_dir, out_path, mode="plain"):
                 with torch.no_grad():
                     old = modeling.load_fsdp_model(model_dir, mesh, rank=rank)
                     cfg = train.Config(micro_batch_size=2, share_prompts=True)
-                    for j, mb in train.micro_batches(todo, cfg, 0, torch.device("cpu")):
-                        for s, lp in zip(todo[j:j + 2], modeling.token_logprobs(old, mb)):
+                    for idx, mb in train.micro_batches(todo, cfg, 0, torch.device("cpu")):
+                        for s, lp in zip([todo[i] for i in idx], modeling.token_logprobs(old, mb)):
                             s["old_logp"] = lp[:len(s["response_ids"])]
             policy = modeling.load_fsdp_model(model_dir, mesh, rank=rank)
             _, out[name] = step(policy, samples, rank, world, chunk=todo, on_policy=fresh)

@@ -186,3 +186,21 @@ def test_the_readme_gpu_command_fits_and_dry_run_loads_nothing(tmp_path):
                           f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300, env=env)
     assert dry.returncode == 0 and "fits: " in dry.stdout and "update" in dry.stdout, dry.stderr[-2000:]
     assert not (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "run.lock").exists()
+
+
+def test_a_token_budget_plans_that_many_full_rows_each_with_its_own_prompt():
+    """--max_tokens_per_micro_batch=N plans N / (P + T) rows of P + T tokens (one row when N is
+    less), each with its own prompt: sorted by length, a group's rows part."""
+    config = memplan.load_config("Qwen/Qwen2.5-VL-3B-Instruct")
+    common = dict(world_size=4, gpu_gib=79.2, max_prompt_length=1024, max_response_length=1024,
+                  num_generations=5, rollout_batch_size=512, global_batch_size=128)
+
+    def rows(**flags):
+        return memplan.plan(config, **common, **flags)["rows"]
+
+    budget = rows(micro_batch_size=1, max_tokens_per_micro_batch=4 * 2048, share_prompts=False)
+    assert budget == rows(micro_batch_size=4, share_prompts=False)
+    assert rows(micro_batch_size=4, max_tokens_per_micro_batch=1000) == rows(micro_batch_size=1)
+    shared = rows(micro_batch_size=1, max_tokens_per_micro_batch=4 * 2048)
+    windowed = rows(micro_batch_size=4)  # 4 consecutive rows span 2 groups: 2 prompts
+    assert dict(shared)["update"]["activ"] > dict(windowed)["update"]["activ"]
