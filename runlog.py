@@ -33,7 +33,8 @@ class RunLog:
                                step=record["step"])
 
     def validation(self, record, rows, show=2):
-        """Log a validation: its record, its rows (all ranks' gathered), `show` of them printed."""
+        """Log a validation: its record, its rows (all ranks' gathered), `show` of them printed
+        (half right ones, where there are any)."""
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rows)
         self.log(record)
@@ -42,8 +43,11 @@ class RunLog:
         rows = [r for part in gathered for r in part]
         prefix = "val_blank" if "val_blank/n" in record else "val"
         tqdm.write(f"step {record['step']}: {prefix}/accuracy {record[prefix + '/accuracy']:.3f} "
-               f"(temperature {record[prefix + '/temperature']}, n={record[prefix + '/n']})")
-        for r in rows[:show]:  # the user turn's first words, the response's last ones
+                   f"(temperature {record[prefix + '/temperature']}, n={record[prefix + '/n']})")
+        right = [r for r in rows if r.get("accuracy", r["overall"]) == 1]
+        wrong = [r for r in rows if r.get("accuracy", r["overall"]) != 1]
+        for r in right[:show // 2] + wrong[:show - min(len(right), show // 2)]:
+            # the user turn's first words, the response's last ones
             question = r["prompt"].split("user\n")[-1].replace("<|image_pad|>", "")
             question = question.replace("<|vision_start|>", "").replace("<|vision_end|>", "")
             tqdm.write(f"  {question[:50]!r}... -> ...{r['response'][-70:]!r} "
