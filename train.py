@@ -919,9 +919,9 @@ def with_response(prompt, text, processor):
 
 def expert_samples(rows, rng, n, cfg, processor):
     """n expert samples (a row's prompt and its `response`) for CHORD's SFT term."""
-    out = []
+    out, format_prompt = [], read_format_prompt(cfg)  # read once, not once per row
     for i in rng.sample(range(len(rows)), n):
-        prompt = data.build_prompt(rows[i], i, processor, format_prompt=read_format_prompt(cfg),
+        prompt = data.build_prompt(rows[i], i, processor, format_prompt=format_prompt,
                                    min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                                    source=cfg.sft_data)
         out.append(with_response(prompt, rows[i]["response"], processor))
