@@ -179,7 +179,7 @@ def load_reward(spec="math"):
         raise ValueError(f"reward {spec!r}: expected one of {sorted(BUILTIN)} "
                          "or 'path/to/file.py:function'")
     _load_file_fn(os.path.abspath(path), name)
-    return functools.partial(_call_file, os.path.abspath(path), name)
+    return _FileReward(_call_file, os.path.abspath(path), name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -201,6 +201,12 @@ def _call_file(path, name, inputs):
     return _load_file_fn(path, name)(inputs)
 
 
+class _FileReward(functools.partial):
+    def __setstate__(self, state):  # a worker loads the file as it unpickles, before the clock
+        super().__setstate__(state)
+        _load_file_fn(*self.args)
+
+
 def _fn_name(fn):
     if isinstance(fn, functools.partial):
         return f"{fn.args[0]}:{fn.args[1]}" if fn.func is _call_file else _fn_name(fn.func)
@@ -213,10 +219,12 @@ def score_batch(reward_fn, inputs, *, timeout_s=10.0, num_workers=None):
 
     A sample whose reward raises, dies or runs past timeout_s (alone) scores 0 in every key, is
     logged once per distinct error, and counts in stats["reward/failed"] (raised or died) or
-    stats["reward/timed_out"]. A NaN or inf "overall" counts as failed too: 0 in every key but
-    "overall", which is NaN, so that grpo.group_advantages leaves it out of its group. stats holds
-    only these counts, which add up over ranks. Scores of the wrong length or without a numeric
-    "overall" are a bug in the reward, not a bad sample: ValueError. num_workers: min(8, CPUs)."""
+    stats["reward/timed_out"]. If the samples tried alone first (reward_pool.PROBES) all time out,
+    the rest are not tried (reward_pool.run): 0, counted as failed. A NaN or inf "overall" counts
+    as failed too: 0 in every key but "overall", which is NaN, so that grpo.group_advantages leaves
+    it out of its group. stats holds only these counts, which add up over ranks. Scores of the
+    wrong length or without a numeric "overall" are a bug in the reward, not a bad sample:
+    ValueError. num_workers: min(8, CPUs)."""
     name = _fn_name(reward_fn)
     try:
         pickle.dumps(reward_fn)
@@ -224,9 +232,9 @@ def score_batch(reward_fn, inputs, *, timeout_s=10.0, num_workers=None):
         raise TypeError(f"{name} runs in worker processes, so it must pickle: "
                         "use a module-level function or load_reward()") from e
     n, num_workers = len(inputs), num_workers or min(8, os.cpu_count() or 1)
-    scores, errors, timed_out = reward_pool.run(reward_fn, inputs, timeout_s=timeout_s,
-                                                num_workers=num_workers,
-                                                check=functools.partial(_check_scores, name))
+    scores, errors, timed_out, untried = reward_pool.run(
+        reward_fn, inputs, timeout_s=timeout_s, num_workers=num_workers,
+        check=functools.partial(_check_scores, name))
     keys = list(dict.fromkeys(k for s in scores if s is not None for k in s)) or ["overall"]
     nonfinite = [i for i, s in enumerate(scores) if s and not math.isfinite(s["overall"])]
     for i in nonfinite:
@@ -237,10 +245,14 @@ def score_batch(reward_fn, inputs, *, timeout_s=10.0, num_workers=None):
     if nonfinite:
         log.warning("reward %s gave a NaN or inf overall on %d of %d samples: counted as failed, "
                     "left out of the advantages", name, len(nonfinite), n)
-    if timed_out:
+    if untried:
+        log.warning("reward %s ran over %.1f s on each of the %d samples tried alone first: "
+                    "the other %d of %d samples were not tried, counted as failed", name,
+                    timeout_s, len(timed_out), len(untried), n)
+    elif timed_out:
         log.warning("reward %s ran over %.1f s on %d of %d samples, scored 0", name, timeout_s,
                     len(timed_out), n)
-    failed = sum(map(len, errors.values())) + len(nonfinite)
+    failed = sum(map(len, errors.values())) + len(nonfinite) + len(untried)
     return scores, {"reward/failed": float(failed), "reward/timed_out": float(len(timed_out))}
 
 

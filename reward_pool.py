@@ -21,20 +21,31 @@ import time
 # sympy/antlr caches), more than grading 256 responses on 2 CPUs. They exit at EOF on stdin, that
 # is when the trainer exits.
 _IDLE = []
+PROBES = 8  # inputs tried alone first, to tell a fn that hangs on everything: see run
 
 
 def run(fn, inputs, *, timeout_s, num_workers, check):
-    """fn over `inputs` in chunks, about 4 per worker -> (outputs, errors, timed_out).
+    """fn over `inputs` -> (outputs, errors, timed_out, untried).
 
-    outputs[i] is fn's output for inputs[i], None where it failed. A chunk whose call raises, dies
-    or runs past timeout_s (timed from when its worker picks it up) is re-run one input at a time,
-    a hung worker being killed; an input that still fails alone is listed in errors
-    ({error text: [i, ...]}) or timed_out ([i, ...]). check(n, output) vets a chunk's output for
-    its n inputs before it is used, and may raise (the workers still running are then killed)."""
+    outputs[i] is fn's output for inputs[i], None where it failed. First, PROBES inputs (or one per
+    worker, if more) alone, spread out (a group's G responses sit together and share a ground
+    truth): if all run past timeout_s, fn is taken to hang on everything and the rest, listed in
+    untried, are not tried: PROBES / num_workers timeouts, not n / num_workers of them. A fn that
+    hangs on a share p of inputs is given up on with chance p ** PROBES (p = 0.1: 1e-8 a step;
+    with one probe per worker on 2 CPUs it would be 1e-2, a run stopped in 100 steps). Else the
+    rest go in chunks, about 4 per worker. A
+    chunk whose call raises, dies or runs past timeout_s (timed from when its worker picks it up)
+    is re-run one input at a time, a hung worker being killed; an input that still fails alone is
+    listed in errors ({error text: [i, ...]}) or timed_out ([i, ...]). check(n, output) vets a
+    chunk's output for its n inputs before it is used, and may raise (the workers still running
+    are then killed)."""
     n = len(inputs)
+    k = min(n, max(PROBES, num_workers))
+    probes = [j * n // k for j in range(k)]
+    rest = sorted(set(range(n)) - set(probes))
     size = max(1, math.ceil(n / (4 * num_workers)))
-    todo = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
-    outputs, errors, timed_out, running = [None] * n, {}, [], []
+    todo, later = [[i] for i in probes], [rest[i:i + size] for i in range(0, len(rest), size)]
+    outputs, errors, timed_out, untried, running = [None] * n, {}, [], [], []
     with tempfile.TemporaryDirectory(prefix="reward-") as tmp:
         try:
             while todo or running:
@@ -59,10 +70,15 @@ def run(fn, inputs, *, timeout_s, num_workers, check):
                         timed_out.append(idx[0])
                     else:
                         errors.setdefault(outcome[1], []).append(idx[0])
+                    # While `later` waits, only probes have run: one that ends in time decides.
+                    if later and outcome[0] != "timeout":
+                        todo, later = todo + later, []
+                    elif later and len(timed_out) == len(probes):
+                        untried, later = [i for chunk in later for i in chunk], []
         finally:
             for job in running:  # left only by an exception (a failed check, Ctrl-C)
                 _stop(job["proc"])
-    return outputs, errors, timed_out
+    return outputs, errors, timed_out, untried
 
 
 def _start(fn, inputs, idx, tmp, timeout_s):
@@ -109,8 +125,8 @@ def _stop(proc):
 
 
 def _serve():
-    """Worker loop: for each line on stdin, the path of a pickled (fn, inputs), write b"R"
-    (started), then the length and pickle of ("ok", fn(inputs)) or ("error", text) to stdout."""
+    """Worker loop: for each line on stdin, the path of a pickled (fn, inputs), load it, write b"R"
+    (fn starts), then the length and pickle of ("ok", fn(inputs)) or ("error", text) to stdout."""
     try:  # die with the trainer even if it is SIGKILLed: Linux prctl(PR_SET_PDEATHSIG = 1, SIGKILL)
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)
     except (OSError, AttributeError):
@@ -120,13 +136,17 @@ def _serve():
     # math-verify's warnings are about the timeouts reward.py turns off
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     for line in sys.stdin:
-        out.write(b"R")
-        out.flush()
+        started = False
         try:
+            # Unpickling imports fn's module (reward.py: ~1 s for math-verify and sympy): in a new
+            # worker, that is start-up time, so "R" comes after it, not before.
             with open(line.strip(), "rb") as f:
                 fn, inputs = pickle.load(f)
+            out.write(b"R")
+            out.flush()
+            started = True
             result = pickle.dumps(("ok", fn(inputs)))
         except BaseException as e:  # SystemExit from a reward is a failure to report too
             result = pickle.dumps(("error", f"{type(e).__name__}: {e}"))
-        out.write(len(result).to_bytes(8, "little") + result)
+        out.write(b"R" * (not started) + len(result).to_bytes(8, "little") + result)
         out.flush()

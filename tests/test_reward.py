@@ -10,6 +10,7 @@ import time
 import pytest
 
 import reward
+import reward_pool
 
 THINK = "<think>Angle sum in a triangle is 180.</think> "
 
@@ -275,7 +276,56 @@ def test_score_batch_kills_a_hanging_sample(reward_file, tmp_path):
         os.kill(int(pid_file.read_text()), 0)
 
 
-MALFORMED = [("one_short", "returned 1 scores for 2 inputs"),
+def test_score_batch_gives_up_on_a_reward_that_hangs_on_everything(reward_file, tmp_path, caplog):
+    # 8 probes on 2 workers: inputs 0, 2, ..., 14 are tried alone first; all hang, so the odd
+    # ones never start
+    inputs = [{"response": "hang", "ground_truth": "a", "pid_file": str(tmp_path / f"pid{i}")}
+              for i in range(16)]
+    t = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="reward"):
+        scores, stats = reward.score_batch(reward.load_reward(f"{reward_file}:score"), inputs,
+                                           timeout_s=1.0, num_workers=2)
+    # 4 timeouts plus worker starts; trying all 16 took 12 timeouts on 2 workers
+    assert time.monotonic() - t < 11
+    assert scores == [{"overall": 0.0}] * 16
+    assert stats == {"reward/failed": 8.0, "reward/timed_out": 8.0}
+    assert sorted(int(p.name[3:]) for p in tmp_path.glob("pid*")) == list(range(0, 16, 2))
+    for pid_file in tmp_path.glob("pid*"):
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), 0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("on each of the 8 samples tried alone first" in m and "other 8 of 16 samples were "
+               "not tried, counted as failed" in m for m in messages) == 1
+
+
+def test_score_batch_scores_the_rest_when_one_first_sample_hangs(reward_file, tmp_path):
+    # input 0 (tried first, alone) and input 5 (in a chunk) hang; input 2, tried first, does not
+    responses = ["hang", "a", "b", "a", "a", "hang", "a", "b", "a", "a", "b", "a", "a", "a", "b",
+                 "a"]
+    inputs = [{"response": r, "ground_truth": "a", "pid_file": str(tmp_path / f"pid{i}")}
+              for i, r in enumerate(responses)]
+    scores, stats = reward.score_batch(reward.load_reward(f"{reward_file}:score"), inputs,
+                                       timeout_s=1.0, num_workers=2)
+    assert [s["overall"] for s in scores] == [float(r == "a") for r in responses]
+    assert [s["length"] for s in scores] == [0.0 if r == "hang" else 1 for r in responses]
+    assert stats == {"reward/failed": 0.0, "reward/timed_out": 2.0}
+
+
+def test_score_batch_starts_a_new_workers_clock_after_its_imports(tmp_path):
+    # reward.py (math-verify: ~0.5-1 s) and this file (1.5 s) load before the 1 s clock starts
+    path = tmp_path / "slow_import.py"
+    path.write_text("import time\ntime.sleep(1.5)\n\n\ndef score(inputs):\n"
+                    "    return [{'overall': 1.0} for _ in inputs]\n")
+    fn = reward.load_reward(f"{path}:score")
+    while reward_pool._IDLE:  # no warm worker: each one is new
+        reward_pool._stop(reward_pool._IDLE.pop())
+    scores, stats = reward.score_batch(fn, [{"response": "a", "ground_truth": "a"}] * 4,
+                                       timeout_s=1.0, num_workers=2)
+    assert scores == [{"overall": 1.0}] * 4
+    assert stats == {"reward/failed": 0.0, "reward/timed_out": 0.0}
+
+
+MALFORMED = [("one_short", "returned 0 scores for 1 inputs"),
              ("no_overall", "returned .* without a numeric 'overall'")]
 
 
@@ -283,7 +333,7 @@ MALFORMED = [("one_short", "returned 1 scores for 2 inputs"),
 def test_score_batch_rejects_malformed_scores(reward_file, name, message):
     fn = reward.load_reward(f"{reward_file}:{name}")
     with pytest.raises(ValueError, match=f"my_reward.py:{name} {message}"):
-        # chunks of 2
+        # the first input is tried alone
         reward.score_batch(fn, [{"response": "a", "ground_truth": "a"}] * 8, num_workers=1)
 
 
