@@ -14,6 +14,7 @@ import hashlib
 import io
 import math
 import os
+import re
 
 import datasets
 import jinja2
@@ -237,6 +238,24 @@ def build_prompt(row, index, processor, *, format_prompt=MATH_FORMAT_PROMPT, min
     messages.append({"role": "user", "content": content})
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return {"text": text, "images": pil, "answer": answer, **texts}
+
+
+def assistant_opening(prompt_text):
+    """What the chat template wrote of the assistant's turn: "<think>" and its newline where a
+    Thinking template (Qwen3-VL-*-Thinking) opens the reasoning itself, else "". The sampled
+    response continues it, so the reward reads opening + response (else no response has the
+    format) and a given response (SFT, preferences) drops its own copy (strip_opening)."""
+    m = re.search(r"<think>\n?\Z", prompt_text)
+    return m.group() if m else ""
+
+
+def strip_opening(prompt_text, response):
+    """A full assistant text ("<think>...</think> \\boxed{3}") as the continuation of a prompt
+    whose template already opened it: without the opening's "<think>" and the spaces after it."""
+    opening = assistant_opening(prompt_text).strip()
+    if opening and response.startswith(opening):
+        return response[len(opening):].lstrip()
+    return response
 
 
 def is_jsonable(value):

@@ -4,9 +4,10 @@
     torchrun --nproc_per_node 4 train.py --dry_run=true <flags>     # the same plan, from train.py
 
 Parameters are counted on a meta-device build (no weights). Activations are what one decoder layer
-or vision block saves for backward per token (layer_bytes, vision_block_bytes: the tensors
-transformers 5.19's Qwen2.5-VL saves under torch 2.13 in bf16 with SDPA, equal to a saved-tensor
-count in tests/test_memplan.py). The rest is FSDP2 and vLLM bookkeeping, written out in plan().
+or vision block saves for backward per token (layer_bytes: Qwen2.5-VL's layer; vision_block_bytes:
+Qwen2.5-VL's and Qwen3-VL's blocks; the tensors transformers 5.19 saves under torch 2.13 in bf16
+with SDPA, equal to a saved-tensor count in tests/test_memplan.py). The rest is FSDP2 and vLLM
+bookkeeping, written out in plan().
 It plans the worst case the flags allow (prompts of max_prompt_length tokens, all image; responses
 of max_response_length; a micro-batch straddling two groups) with bf16 compute, for the train.py
 of issue 14: the reference model's shards in bf16 and resharded after its no-grad pass, vLLM
@@ -26,8 +27,10 @@ CTX = 1.0 * GIB  # estimate: CUDA context, cuBLAS workspaces, NCCL buffers (gpu-
 VLLM_RUNTIME = 4.0 * GIB  # estimate: vLLM's profiled activation peak + CUDA graphs
 VLLM_ASLEEP = 1.5 * GIB  # estimate: what a sleeping engine keeps (graph pool, runner buffers)
 COLUMNS = ("params", "grads", "optim", "ref", "vllm", "activ", "logits", "other")
-# The public config.json of Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct (huggingface.co), so that a
-# plan needs no hub.
+# The public config.json of Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct and Qwen/Qwen3-VL-{8B,32B}-
+# Instruct (huggingface.co), so that a plan needs no hub. Qwen3-VL's were rebuilt from public
+# copies and checked against what the hub publishes (tests/test_memplan.py): the 8B's parameter
+# total, the 32B's git blob id. No copy of the 2B's or 4B's was found that could be checked.
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -87,11 +90,15 @@ def layer_bytes(seqs, q_len, kv_len, *, hidden, inter, heads, kv_heads, head_dim
     return seqs * (q_len * per_q + kv_len * per_kv)
 
 
-def vision_block_bytes(patches, *, hidden, inter, heads):
-    """Bytes one bf16 vision block saves for backward: per patch the two RMSNorms (12h + 8), the qkv
-    input (2h) and output (6h: V is a view of it), q and k after rotary (4h), the attention output
-    and proj input (4h), the MLP input (2h), logsumexp (4 heads), gate/silu/up/product (8I)."""
-    return patches * (30 * hidden + 8 + 4 * heads + 8 * inter)
+def vision_block_bytes(patches, *, hidden, inter, heads, gated=True):
+    """Bytes one bf16 vision block saves for backward. Per patch in both: the qkv input (2h) and
+    output (6h: V is a view of it), q and k after rotary (4h), the attention output and proj input
+    (4h), the MLP input (2h), logsumexp (4 heads). Qwen2.5-VL's block (gated) adds two RMSNorms
+    (12h + 8) and gate/silu/up/product (8I); Qwen3-VL's (gated=False) two LayerNorms, each its
+    input (2h) with float32 mean and 1/std on CUDA (8; bf16 on the CPU), and fc1's output and its
+    GELU (4I): its MLP is two linears, no gate."""
+    norms_and_mlp = 12 * hidden + 8 + 8 * inter if gated else 4 * hidden + 16 + 4 * inter
+    return patches * (18 * hidden + 4 * heads + norms_and_mlp)
 
 
 def plan(config, *, world_size, gpu_gib, micro_batch_size, max_prompt_length, max_response_length,
@@ -146,7 +153,7 @@ def plan(config, *, world_size, gpu_gib, micro_batch_size, max_prompt_length, ma
         fwd, kv_cache = [(B, P + T, P + T)], 0
     each = [layer_bytes(*f, **dims) for f in fwd]
     block = vision_block_bytes(prompts * patches, hidden=vc.hidden_size, inter=vc.intermediate_size,
-                               heads=vc.num_heads)
+                               heads=vc.num_heads, gated=config.model_type == "qwen2_5_vl")
     vis = not (freeze_vision or lora)  # the vision blocks save only when they train
     if activation_checkpointing:  # each layer and block keeps its input; one recomputes at a time
         saved = (L * sum(s * q for s, q, _ in fwd) * h + vis * vc.depth * prompts * patches

@@ -60,10 +60,13 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-# Qwen3-VL-Instruct's template (images only) differs in one thing: no default system turn. (The
-# Thinking variants also open the assistant turn with "<think>\n" themselves.)
+# Qwen3-VL-Instruct's template (images only) differs in one thing: no default system turn. The
+# Thinking variants also open the assistant turn with "<think>\n" themselves.
 QWEN3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", "")
+QWEN3_THINKING_CHAT_TEMPLATE = QWEN3_CHAT_TEMPLATE.replace(
+    "{% if add_generation_prompt %}<|im_start|>assistant\n",
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n")
 QUESTIONS = ["<image>How many shapes are in the figure?", "<image>Count the shapes in the figure.",
              "How many shapes does the figure show? <image>"]
 
@@ -156,12 +159,14 @@ def warm_start(model_dir, data_dir, out_dir, *, steps, grounded_steps, seed, bat
 
 # ----------------------------------------------------------------------------- the model
 def build_tiny_model(out_dir, texts, *, seed=0, vocab_size=1024, min_pixels=56 * 56,
-                     max_pixels=112 * 112, tie_word_embeddings=False, arch="qwen2_5_vl"):
+                     max_pixels=112 * 112, tie_word_embeddings=False, arch="qwen2_5_vl",
+                     thinking=False):
     """Write a random tiny Qwen2.5-VL, or Qwen3-VL with arch="qwen3_vl" (model, tokenizer,
     processor), that transformers and vLLM load. texts: the corpus the byte-level BPE is trained
     on. Shapes follow vLLM's CPU limits: text head_dim 32 (16 fails there), mrope_section summing
     to head_dim / 2. Deterministic for a seed. tie_word_embeddings: lm_head shares embed_tokens'
-    weight, as in Qwen2.5-VL-3B and Qwen3-VL-2B/4B (the larger ones are untied)."""
+    weight, as in Qwen2.5-VL-3B and Qwen3-VL-2B/4B (the larger ones are untied). thinking: the
+    Qwen3-VL Thinking variants' template (the assistant turn opens with "<think>\n")."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
@@ -171,7 +176,8 @@ def build_tiny_model(out_dir, texts, *, seed=0, vocab_size=1024, min_pixels=56 *
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(texts, trainer)
     bpe.add_special_tokens(SPECIAL_TOKENS)
-    template = QWEN3_CHAT_TEMPLATE if arch == "qwen3_vl" else CHAT_TEMPLATE
+    template = (CHAT_TEMPLATE if arch != "qwen3_vl" else QWEN3_THINKING_CHAT_TEMPLATE if thinking
+                else QWEN3_CHAT_TEMPLATE)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>", chat_template=template,
                                   model_max_length=32768)

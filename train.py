@@ -556,8 +556,9 @@ def next_prompts(train_prompts, pos, order_rng, cfg, dp_rank, n_dp):
 
 
 def score(samples, reward_fn, tokenizer, timeout_s):
-    """reward.score_batch on decoded responses: (scores, stats)."""
-    inputs = [{"response": tokenizer.decode(s["response_ids"], skip_special_tokens=True),
+    """reward.score_batch on decoded responses after data.assistant_opening: (scores, stats)."""
+    inputs = [{"response": data.assistant_opening(s["prompt"]["text"])
+               + tokenizer.decode(s["response_ids"], skip_special_tokens=True),
                "ground_truth": s["prompt"]["answer"], **s["prompt"]["row"]} for s in samples]
     return reward.score_batch(reward_fn, inputs, timeout_s=timeout_s)
 
@@ -912,7 +913,7 @@ def tp_size(cfg):
 
 def with_response(prompt, text, processor):
     """A trainer sample whose response is a given text (SFT data, preference pairs)."""
-    tokenizer = processor.tokenizer
+    tokenizer, text = processor.tokenizer, data.strip_opening(prompt["text"], text)
     return {**data.encode_prompt(prompt, processor), "prompt": prompt,
             "response_ids": tokenizer.encode(text) + [tokenizer.eos_token_id]}
 

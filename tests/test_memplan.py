@@ -1,5 +1,6 @@
 """memplan: its activation formulas against a saved-tensor count on real-size layers, its parameter
 counts against the config's own arithmetic, its verdicts on the README's old and new 7B recipes."""
+import hashlib
 import json
 import os
 import re
@@ -88,24 +89,31 @@ def test_layer_bytes_match_a_saved_tensor_count_of_a_7b_decoder_layer(layer_7b, 
         1, 1024, 1024, grouped=False, **DIMS_7B)
 
 
-def test_vision_block_bytes_match_a_saved_tensor_count_of_a_real_block():
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
+@pytest.mark.parametrize("arch,hidden,inter,gated", [("qwen2_5_vl", 1280, 3420, True),
+                                                      ("qwen3_vl", 1152, 4304, False)])
+def test_vision_block_bytes_match_a_saved_tensor_count_of_a_real_block(arch, hidden, inter, gated):
+    """Qwen2.5-VL-7B's vision block (RMSNorms, a gated SiLU MLP) and Qwen3-VL-8B's (LayerNorms, an
+    ungated GELU MLP: at its sizes 38% less than the gated formula says), 16 heads each."""
+    import importlib
 
-    cfg = Qwen2_5_VLVisionConfig(hidden_size=1280, intermediate_size=3420, num_heads=16)
+    name = {"qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}[arch]
+    models = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    configs = importlib.import_module(f"transformers.models.{arch}.configuration_{arch}")
+    cfg = getattr(configs, f"{name}VisionConfig")(hidden_size=hidden, intermediate_size=inter,
+                                                  num_heads=16)
     cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
-        block = Qwen2_5_VLVisionBlock(cfg)
+        block = getattr(models, f"{name}VisionBlock")(cfg)
     block = block.to_empty(device="cpu").to(torch.bfloat16)  # values unused: sizes only
-    N = 128  # two attention windows of 64 patches (cu_seqlens)
-    x = torch.randn(N, 1280, dtype=torch.bfloat16, requires_grad=True)
-    angles = torch.randn(N, 80)
+    N = 128  # two attention windows (Qwen2.5-VL) or images (Qwen3-VL) of 64 patches: cu_seqlens
+    x = torch.randn(N, hidden, dtype=torch.bfloat16, requires_grad=True)
+    angles = torch.randn(N, hidden // 16)  # a head's rotary angles
     cos, sin = angles.cos(), angles.sin()
     windows = torch.tensor([0, 64, 128], dtype=torch.int32)
     measured = saved_bytes(lambda: block(x, cu_seqlens=windows, position_embeddings=(cos, sin)),
                            exclude=(cos, sin, *block.parameters()))
-    assert memplan.vision_block_bytes(N, hidden=1280, inter=3420, heads=16) == pytest.approx(
-        measured, rel=0.02)
+    predicted = memplan.vision_block_bytes(N, hidden=hidden, inter=inter, heads=16, gated=gated)
+    assert predicted == pytest.approx(measured, rel=0.02)
 
 
 def config_arithmetic(c):
@@ -134,6 +142,18 @@ def test_meta_build_counts_equal_the_config_arithmetic(name, billions):
     n = memplan.count_params(memplan.load_config(f"Qwen/{name}"))
     assert {k: n[k] for k in expected} == expected
     assert round(n["total"] / 1e9, 2) == billions  # the model cards' sizes; the 3B ties lm_head
+
+
+def test_shipped_qwen3_vl_configs_are_the_published_ones():
+    """Each against a number published with the real weights: the 8B's parameter total, summed
+    from its safetensors (a public model report), and the 32B's file, byte for byte, by the git
+    blob id the hub lists for it (a public download manifest)."""
+    assert memplan.count_params(memplan.load_config("Qwen/Qwen3-VL-8B-Instruct"))["total"] == \
+        8_767_123_696
+    with open(os.path.join(memplan.CONFIGS, "Qwen3-VL-32B-Instruct", "config.json"), "rb") as f:
+        raw = f.read()
+    blob = hashlib.sha1(b"blob %d\0" % len(raw) + raw).hexdigest()
+    assert blob == "29e925092dee9f14278c53e7e7d876cea8a997bc"
 
 
 def test_load_config_prefers_a_local_folder_then_the_shipped_copy(tmp_path):

@@ -36,6 +36,12 @@ def tied_dir(tiny_dir, tmp_path_factory):
     return build(tiny_dir, tmp_path_factory, tie_word_embeddings=True)
 
 
+@pytest.fixture(scope="module")
+def thinking_dir(tiny_dir, tmp_path_factory):
+    """The same with the Thinking variants' chat template: the assistant turn opens "<think>\n"."""
+    return build(tiny_dir, tmp_path_factory, thinking=True)
+
+
 def test_tiny_qwen3_is_a_qwen3_vl(qwen3_dir):
     """Qwen3-VL's classes, deepstack mergers, interleaved mRoPE, patch 16 in the model and the
     processor (a 56x56 image is resized to 64x64: 4x4 patches, 2x2 tokens), the Instruct template
@@ -161,3 +167,62 @@ def test_short_run_syncs_exactly_and_exports_a_model_vllm_loads(qwen3_dir, tmp_p
                          text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert float(res.stdout.split("max_logp_diff")[-1]) < 1e-4, res.stdout[-500:]
+
+
+def test_reward_reads_the_think_a_thinking_template_opened(thinking_dir, qwen3_dir, tiny_dir):
+    """The Thinking template writes "<think>\n" after the assistant header, so the sampled response
+    starts inside the reasoning: the reward reads the opening before it (a response that closes the
+    reasoning and boxes the answer has the format; one that opens <think> again too). Instruct
+    templates open nothing and score as before. A given response (SFT, preferences) loses its own
+    <think>: the trainer's text has one."""
+    import reward
+    import train
+    from transformers import AutoProcessor
+
+    row = data.load_rows(f"{tiny_dir[1]}@train")[0]
+    right, wrong = row["answer"], str(int(row["answer"]) % 4 + 1)
+    responses = [f"I count them.</think> \\boxed{{{right}}}",
+                 f"<think>I count.</think> \\boxed{{{right}}}", f"I count \\boxed{{{right}}}",
+                 f"</think> \\boxed{{{wrong}}}"]
+    expected = {thinking_dir: [1.0, 1.0, 0.9, 0.1], qwen3_dir: [0.9, 1.0, 0.9, 0.0],
+                tiny_dir: [0.9, 1.0, 0.9, 0.0]}
+    for model_dir, overall in expected.items():
+        processor = AutoProcessor.from_pretrained(model_dir[0])
+        tokenizer, eos = processor.tokenizer, processor.tokenizer.eos_token_id
+        prompt = data.build_prompt(row, 0, processor, min_pixels=56 * 56, max_pixels=112 * 112)
+        opening = "<think>\n" if model_dir is thinking_dir else ""
+        assert prompt["text"].endswith("<|im_start|>assistant\n" + opening)
+        assert data.assistant_opening(prompt["text"]) == opening
+        prompt["row"] = {}
+        samples = [{"response_ids": tokenizer.encode(r) + [eos], "prompt": prompt}
+                   for r in responses]
+        scores, _ = train.score(samples, reward.load_reward("math"), tokenizer, timeout_s=30)
+        assert [s["overall"] for s in scores] == pytest.approx(overall), model_dir
+        sample = train.with_response(prompt, responses[1], processor)
+        full = prompt["text"] + tokenizer.decode(sample["response_ids"])
+        assert full.endswith(f"assistant\n<think>\nI count.</think> \\boxed{{{right}}}<|im_end|>"
+                             if opening else f"assistant\n{responses[1]}<|im_end|>")
+
+
+def test_resume_after_sigkill_repeats_the_same_steps(qwen3_dir, tmp_path, monkeypatch):
+    """test_train's on the tiny Qwen3-VL (vLLM sampler): a 2-rank run SIGKILLed after its step-2
+    checkpoint and resumed with --resume=auto logs steps 3-4 exactly as the uninterrupted run."""
+    import test_train
+
+    monkeypatch.setitem(test_train.WORLD, "model", qwen3_dir[0])
+    monkeypatch.setitem(test_train.WORLD, "data", qwen3_dir[1])
+    test_train.test_resume_after_sigkill_repeats_the_same_steps(tmp_path, "vllm")
+
+
+@pytest.fixture(scope="module")
+def qwen3_variants(qwen3_dir, tmp_path_factory):
+    """test_fsdp's variants fixture on the tiny Qwen3-VL: one 2-rank run of every wrap option."""
+    out = str(tmp_path_factory.mktemp("variants") / "variants.pt")
+    return out, test_fsdp.run_worker(2, *qwen3_dir, out, "variants")
+
+
+def test_memory_options_take_the_same_step(qwen3_variants):
+    """Activation checkpointing (every vision block and decoder layer wrapped, the deepstack
+    mergers FSDP units beside them), no reshard after forward and CPU offload: the step of the
+    default wrap, under the same names."""
+    test_fsdp.test_memory_options_take_the_same_step(qwen3_variants)
