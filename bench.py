@@ -112,6 +112,7 @@ def model_bench(args):
 
     sys.path.insert(0, ROOT)
     import model as modeling
+    import patches
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -130,8 +131,8 @@ def model_bench(args):
     master = getattr(torch, args.master_dtype)
     with torch.device(device):  # random init on the device: fast, and the rotary buffers are computed
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=master,
-                                                                attn_implementation=modeling.attention_implementation())
-    modeling.linear_patch_embed(model)
+                                                                attn_implementation=patches.attention_implementation())
+    patches.linear_patch_embed(model)
     modeling.apply_fsdp(model, init_device_mesh(device.type, (1,)), param_dtype=torch.bfloat16 if cuda else torch.float32,
                         activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload)
     if args.cpu_offload:

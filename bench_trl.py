@@ -220,7 +220,7 @@ def main():
     out_dir = tempfile.mkdtemp(prefix="bench-trl-")  # TRL needs one; nothing is saved in it
     config = GRPOConfig(
         output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, seed=cfg.seed,
-        # transformers' own SDPA: TRL as users run it (ours runs model.grouped_sdpa, the same attention)
+        # transformers' own SDPA: TRL as users run it (ours runs patches.grouped_sdpa, the same attention)
         model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
         # batch layout (see the docstring)
         per_device_train_batch_size=micro, gradient_accumulation_steps=per_update // micro,

@@ -11,8 +11,6 @@ silently corrupt prompts (TRL #6401), so the two are kept apart.
 import collections
 import contextlib
 import hashlib
-import io
-import math
 import os
 import re
 
@@ -21,8 +19,9 @@ import jinja2
 import jinja2.meta
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from transformers.utils import logging as hf_logging
+
+import images
 
 # EasyR1's examples/format_prompt/math.jinja, verbatim in meaning.
 MATH_FORMAT_PROMPT = (
@@ -94,43 +93,6 @@ def _has_rows(path, builder):
             return bool(f.read(1 << 20).strip(b" \t\r\n[]"))
     except Exception:  # unreadable: load_dataset says why
         return os.path.getsize(path) > 0
-
-
-def to_rgb(img):
-    """Any PIL mode -> RGB as meant to be seen: transparency on white (a plain convert makes it
-    black, and black line art vanishes; vLLM's loader and qwen-vl-utils paste RGBA on white),
-    16-bit grayscale scaled to 8 bits (a plain convert clips it, mostly to white)."""
-    if img.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit samples, 65535 is white
-        img = img.convert("I").point(lambda v: v / 257)
-    if img.has_transparency_data:  # RGBA, LA, PA, or P / L / RGB with a transparent colour
-        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
-    return img.convert("RGB")
-
-
-def resize_image(img, min_pixels, max_pixels):
-    """Scale an image (keeping its aspect ratio) so its area lies in [min_pixels, max_pixels] and
-    its short side is >= 28 px, the processor's unit (older smart_resize rejects less), which wins
-    over max_pixels. An aspect ratio over 200 (also rejected) is never made: the long side is capped
-    at 200 short sides (rounding the short side down turned 10000x50 into 5780x28)."""
-    img = to_rgb(img)
-    w, h = img.size
-    scale = max(math.sqrt(min(max(w * h, min_pixels), max_pixels) / (w * h)), 28 / min(w, h))
-    if scale != 1.0:
-        short = max(28, int(min(w, h) * scale))
-        long = max(28, min(int(max(w, h) * scale), 200 * short))
-        img = img.resize((long, short) if w >= h else (short, long))
-    return img
-
-
-def to_pil(image, root=None):
-    """PIL, bytes, a path (a relative one from `root`, the data file's folder) or datasets'
-    undecoded {"bytes", "path"} -> PIL (opened lazily: a corrupt image fails on first use)."""
-    if isinstance(image, Image.Image):
-        return image
-    image = (image.get("bytes") or image.get("path")) if isinstance(image, dict) else image
-    if isinstance(image, (bytes, bytearray)):
-        return Image.open(io.BytesIO(image))
-    return Image.open(os.path.join(root, image) if root and isinstance(image, str) else image)
 
 
 class SkipRow(ValueError):
@@ -209,18 +171,17 @@ def build_prompt(row, index, processor, *, format_prompt=MATH_FORMAT_PROMPT, min
         texts[name] = text_field(fields.get(key), key, where, f"missing or empty {name}", tokens)
     if kind == "pref" and texts["rejected"] == texts["chosen"]:
         raise SkipRow(f"{where} '{key}' is the chosen response", "rejected same as chosen")
-    images = row.get(image_key)
-    images = ([] if images is None else list(images) if isinstance(images, (list, tuple))
-              else [images])
-    if problem.count("<image>") != len(images):
+    given = row.get(image_key)
+    given = [] if given is None else list(given) if isinstance(given, (list, tuple)) else [given]
+    if problem.count("<image>") != len(given):
         raise SkipRow(f"{where} '{prompt_key}' has {problem.count('<image>')} <image> placeholders "
-                      f"but field '{image_key}' has {len(images)} images", "<image> count mismatch")
+                      f"but field '{image_key}' has {len(given)} images", "<image> count mismatch")
     pil = []
-    for k, im in enumerate(images):
+    for k, im in enumerate(given):
         try:
-            img = to_pil(im, root)
+            img = images.to_pil(im, root)
             if max(img.size) <= 200 * min(img.size):  # the image's own ratio: resize_image keeps it
-                pil.append(resize_image(img, min_pixels, max_pixels))
+                pil.append(images.resize_image(img, min_pixels, max_pixels))
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
             missing = isinstance(e, FileNotFoundError)
             reason = "missing image file" if missing else "unreadable image"

@@ -12,23 +12,26 @@ import os
 import torch
 import torch.distributed.checkpoint as dcp
 
+import checkpoints
+import lora
 import model as modeling
+import patches
 
 
 def export_checkpoint(ckpt_dir, model_path, out_dir, *, dtype=torch.float32):
     """A save_pretrained folder (model + processor), as model.save_hf writes, from a
-    model.save_checkpoint folder. DCP reshards when it loads, so a checkpoint written by any number
-    of ranks reads here whole; only the model entries are read, not the optimizer state."""
+    checkpoints.save_checkpoint folder. DCP reshards when it loads, so a checkpoint written by any
+    number of ranks reads here whole; only the model entries are read, not the optimizer state."""
     model = modeling.load_model(model_path, dtype=dtype)
     if os.path.exists(os.path.join(ckpt_dir, "lora.json")):
         with open(os.path.join(ckpt_dir, "lora.json")) as f:
-            modeling.apply_lora(model, **json.load(f))
-    if problem := modeling.checkpoint_problem(ckpt_dir):  # before DCP unpickles its metadata
+            lora.apply_lora(model, **json.load(f))
+    if problem := checkpoints.checkpoint_problem(ckpt_dir):  # before DCP unpickles its metadata
         raise ValueError(problem)
     # In place, into the model's own tensors.
     dcp.load({"model": model.state_dict()}, checkpoint_id=ckpt_dir, no_dist=True)
-    model.save_pretrained(out_dir, state_dict=modeling.hf_state_dict(model, model.state_dict()))
-    modeling.load_processor(model_path).save_pretrained(out_dir)
+    model.save_pretrained(out_dir, state_dict=lora.hf_state_dict(model, model.state_dict()))
+    patches.load_processor(model_path).save_pretrained(out_dir)
     return out_dir
 
 

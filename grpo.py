@@ -1,4 +1,4 @@
-"""GRPO math: advantages, ratios, clipped surrogate, KL, aggregation, SFT mixing; MPO. Pure torch.
+"""GRPO math: advantages, ratios, clipped surrogate, KL, aggregation, SFT mixing. Pure torch.
 
 Each prompt gets a group of G sampled responses (G consecutive rows). A response's advantage is
 its reward minus the group mean, over the group std (GRPO, DeepSeekMath arXiv 2402.03300) or not
@@ -7,9 +7,8 @@ current to the sampling-time policy is clipped to [1 - eps_low, 1 + eps_high], t
 wider (DAPO's clip-higher, arXiv 2503.14476), and for A < 0 the loss is capped at |A| c (dual
 clip). GSPO (arXiv 2507.18071) uses the sequence's geometric-mean ratio instead. A k3 estimate of
 KL(pi || pi_ref) is added, and all per-token terms are averaged over the batch's valid tokens.
-CHORD (arXiv 2508.11408) can mix in an SFT loss on expert data: (1 - mu) L_rl + mu L_sft. MPO
-(arXiv 2411.10442) learns offline from (chosen, rejected) pairs: 0.8 DPO + 0.2 BCO + 1.0 SFT, on
-each response's logratio = sum_t (logp_t - ref_logp_t) = log pi(y|x) - log pi_ref(y|x).
+CHORD (arXiv 2508.11408) can mix in an SFT loss on expert data: (1 - mu) L_rl + mu L_sft. MPO's
+offline pair losses are train_offline.py's.
 
 Defaults are EasyR1's Geometry3K recipe: eps_low 0.2, eps_high 0.3, dual clip c = 3, token-mean
 aggregation, k3 KL in the loss with coefficient 1e-2 (the coefficient is the caller's).
@@ -26,7 +25,6 @@ kl_coef * sum_t k(old, ref) off each reward first. No collectives: aggregate() t
 import math
 
 import torch
-import torch.nn.functional as F
 
 LOG_RATIO_MAX = 20.0  # exp(20) ~ 5e8: a ratio that large is already "infinitely off-policy"
 
@@ -240,44 +238,3 @@ def token_entropy(logits):
     p = logp.exp()
     logp = torch.where(p > 0, logp, torch.zeros_like(logp))
     return -(p * logp).sum(dim=-1)
-
-
-def dpo_loss(chosen_logratio, rejected_logratio, beta=0.1):
-    """DPO's sigmoid loss per pair (arXiv 2305.18290): -log sigmoid(beta (c - r)), log 2 where
-    c = r. (B,) -> (loss (B,), metrics): the share of pairs with beta c > beta r (a tie misses, as
-    in TRL), the mean beta (c - r)."""
-    m = beta * (chosen_logratio - rejected_logratio)
-    d = m.detach()
-    loss = -F.logsigmoid(m)
-    return loss, {"reward_accuracy": (d > 0).to(d.dtype).mean(), "reward_margin": d.mean()}
-
-
-def bco_pair_loss(chosen_logratio, rejected_logratio, beta=0.1, delta=0.0):
-    """BCO (arXiv 2404.04656) on pairs, MPO's quality loss: each response is classified alone, good
-    or bad, by its reward r = beta * logratio against the shift delta (bco_delta; no gradient).
-    (B,) -> (loss (B,), metrics): -log sigmoid(r_c - delta) - log sigmoid(-(r_r - delta))."""
-    r_c, r_r, delta = beta * chosen_logratio, beta * rejected_logratio, float(delta)
-    loss = -F.logsigmoid(r_c - delta) - F.logsigmoid(delta - r_r)
-    return loss, {"reward_chosen": r_c.detach().mean(), "reward_rejected": r_r.detach().mean()}
-
-
-def bco_delta(delta, num_batches, rewards):
-    """BCO's shift after one more batch (rewards: its r_c and r_r), a float: the running mean of
-    batch means, as MPO's code keeps it; num_batches counts those already in delta. Updated once
-    per optimizer step, it is one value for all ranks."""
-    return delta + (float(torch.as_tensor(rewards).detach().mean()) - delta) / (num_batches + 1)
-
-
-def mpo_loss(chosen_logratio, rejected_logratio, chosen_logp, chosen_mask, *, beta=0.1, delta=0.0,
-             weights=(0.8, 0.2, 1.0), num_pairs=None, num_tokens=None):
-    """MPO: w_dpo L_dpo + w_bco L_bco + w_sft L_sft -> (scalar loss, metrics); weights the paper's
-    (TRL's loss_weights for sigmoid, bco_pair, sft). L_sft: the token-mean NLL of chosen_logp (B, T)
-    under chosen_mask, like TRL's nll_loss. Pair terms are summed / num_pairs, L_sft / num_tokens:
-    for micro-batches pass the whole batch's counts and sum the results (see aggregate)."""
-    dpo, metrics = dpo_loss(chosen_logratio, rejected_logratio, beta)
-    bco, bco_metrics = bco_pair_loss(chosen_logratio, rejected_logratio, beta, delta)
-    n = chosen_logratio.numel() if num_pairs is None else num_pairs
-    parts = {"dpo": dpo.sum() / n, "bco": bco.sum() / n}
-    parts["sft"] = aggregate(sft_loss(chosen_logp, chosen_mask), chosen_mask, num_tokens=num_tokens)
-    loss = sum(w * parts[k] for w, k in zip(weights, ("dpo", "bco", "sft"), strict=True))
-    return loss, metrics | bco_metrics | {f"loss_{k}": v.detach() for k, v in parts.items()}

@@ -14,12 +14,14 @@ of issue 14: the reference model's shards in bf16 and resharded after its no-gra
 asleep during the final save. A periodic checkpoint (sharded, DCP) gathers nothing: no row.
 The estimates (CTX, VLLM_*) are for scripts/gpu_check.sh to calibrate.
 """
+import dataclasses
 import inspect
 import math
 import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 GIB = 2 ** 30
 DEFAULT_GPU_GIB = 79.2  # an "80 GB" H100/A100 as torch.cuda reports its total memory
@@ -266,6 +268,28 @@ def plan_from_config(cfg, world_size, gpu_gib):
     return report(p), p["fits"]
 
 
+def check(cfg, model_path, world_size, device):
+    """train.py's plan, before any weights load: printed (rank 0), and on CUDA a run that does not
+    fit stops here. True for a dry run (the plan is all it does)."""
+    if not (cfg.dry_run or device.type == "cuda" and cfg.memory_check):
+        return False
+    text, fits = plan_from_config(dataclasses.replace(cfg, model_path=model_path), world_size,
+                                  gpu_gib(cfg.gpu_memory_gib, device))
+    if dist.get_rank() == 0:
+        print(text, flush=True)
+    if not fits and not cfg.dry_run:
+        raise SystemExit("the memory plan above says this run does not fit; change the flags it "
+                         "names (--memory_check=false starts it anyway)")
+    return cfg.dry_run
+
+
+def gpu_gib(flag, device):
+    """The GPU size planned for: the flag's, else the visible GPU's, else DEFAULT_GPU_GIB."""
+    if flag or device.type != "cuda":
+        return flag or DEFAULT_GPU_GIB
+    return torch.cuda.get_device_properties(device).total_memory / GIB
+
+
 def main(argv):
     """--world_size=N (default $WORLD_SIZE, else 1), then train.py's flags; exit status 1: no fit"""
     import train
@@ -273,10 +297,8 @@ def main(argv):
     world = [a for a in argv if a.startswith("--world_size=")]
     world_size = int(world[-1].partition("=")[2]) if world else int(os.environ.get("WORLD_SIZE", 1))
     cfg = train.parse_flags([a for a in argv if not a.startswith("--world_size=")])
-    gib = getattr(cfg, "gpu_memory_gib", 0) or (
-        torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available()
-        else DEFAULT_GPU_GIB)
-    text, fits = plan_from_config(cfg, world_size, gib)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    text, fits = plan_from_config(cfg, world_size, gpu_gib(cfg.gpu_memory_gib, device))
     print(text)
     return 0 if fits else 1
 

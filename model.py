@@ -1,101 +1,33 @@
-"""The training-side model: load Qwen2.5-VL, wrap it in FSDP2, per-token log-probs, save.
+"""The training-side model: load Qwen2.5-VL or Qwen3-VL, wrap it in FSDP2, per-token log-probs,
+save it for transformers and vLLM.
 
 - `apply_fsdp`: the FSDP2 wrap (torchtitan's recipe) with its memory options; `load_fsdp_model`
   builds it on the meta device and fills it from rank 0's one copy of the weights.
-- `apply_lora`: hand-written LoRA; `merge_lora` back to plain HF weights; PEFT's adapter files.
+- LoRA (lora.py) is applied before the wrap; attention and the patch embedding: patches.py.
 - `token_logprobs`: log p(response token) with explicit 3-D mRoPE positions; a group's shared
-  prompt runs once. Checkpoints: sharded save/load (DCP); export.py makes an HF folder of one.
+  prompt runs once. Checkpoints (sharded, resumable): checkpoints.py.
 """
 import json
 import os
-import pathlib
-import pickle
-import shutil
-import types
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-import torch.distributed.checkpoint.filesystem as dcp_fs
-import torch.distributed.checkpoint.metadata as dcp_md
-import torch.nn.functional as F
-import transformers
 from safetensors.torch import save_file
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict)
 from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
                                     fully_shard)
 from torch.utils.checkpoint import checkpoint
-from transformers import (AttentionInterface, AutoConfig, DynamicCache, GenerationConfig,
+from transformers import (AutoConfig, DynamicCache, GenerationConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import grpo
+import patches
+from lora import apply_lora, hf_state_dict
 
 
 # ----------------------------------------------------------------------------- loading and FSDP2
-def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention minus a copy. Under a padding mask it repeats each K/V head for
-    its query heads (repeat_kv: SDPA's enable_gqa runs unmasked only), copying the whole KV cache
-    per layer and decoded token. Here a K/V head's query heads are stacked along the query axis,
-    (B, H, L, D) -> (B, H_kv, groups * L, D), the mask repeated to match: the same attention,
-    uncopied (flash-decoding's grouping of query heads). Only for queries shorter than
-    2 * H_kv * D tokens, where the repeated mask (kept for backward) costs less than the copy."""
-    groups = query.shape[1] // key.shape[1]
-    if groups == 1 or attention_mask is None or query.shape[2] >= 2 * key.shape[1] * key.shape[3]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    B, H, L, D = query.shape
-    out = F.scaled_dot_product_attention(query.reshape(B, H // groups, groups * L, D), key, value,
-                                         dropout_p=dropout, scale=scaling,
-                                         attn_mask=attention_mask.repeat(1, 1, groups, 1))
-    return out.reshape(B, H, L, D).transpose(1, 2).contiguous(), None
-
-
-def sdpa_mask_no_empty_rows(*args, **kwargs):
-    """transformers' sdpa_mask with every query row that may see no key opened to all keys. A
-    left-padded position is one: causal and padding leave it nothing, and some SDPA kernels (cuDNN:
-    huggingface/transformers#47651) return NaN there, which reaches the gradients. transformers 5
-    no longer fixes such rows (4.x did); nothing reads the output of a padded position."""
-    mask = sdpa_mask(*args, **kwargs)  # None: no mask needed (causal, no padding)
-    return mask if mask is None or mask.dtype != torch.bool else mask | ~mask.any(-1, keepdim=True)
-
-
-AttentionInterface.register("sdpa_grouped", grouped_sdpa)
-AttentionMaskInterface.register("sdpa_grouped", sdpa_mask_no_empty_rows)
-
-
-def attention_implementation():
-    """flash-attention 2 when it is importable and there is a GPU, else SDPA (grouped_sdpa)."""
-    try:
-        import flash_attn  # noqa: F401
-        return "flash_attention_2" if torch.cuda.is_available() else "sdpa_grouped"
-    except ImportError:
-        return "sdpa_grouped"
-
-
-def linear_patch_embed(model):
-    """The vision tower's patch embedding run as the matmul it is: its Conv3d has kernel == stride
-    and every input is one kernel's worth of pixels, so it is x @ W.view(out, -1).T. torch 2.9
-    dropped cuDNN's Conv3d for it (pytorch#166122; 10-50,000x slower on some GPUs and dtypes,
-    transformers#45750); on CPU the conv is 3.5x slower. vLLM makes the same swap
-    (Conv3dLayer._forward_mulmat), so sampler and trainer compute it alike. Same parameter."""
-    embed = model.model.visual.patch_embed
-    proj = embed.proj
-    assert proj.kernel_size == proj.stride, "not a plain strided Conv3d"
-    # Bound to this module, so a deepcopy runs on its own weights.
-    embed.forward = types.MethodType(_patch_embed_matmul, embed)
-    return model
-
-
-def _patch_embed_matmul(self, x):
-    w = self.proj.weight
-    return F.linear(x.to(w.dtype), w.reshape(self.proj.out_channels, -1), self.proj.bias)
-
-
 # The architectures trained here, by config.model_type (Qwen3-VL's MoE variants are not).
 MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
                  "qwen3_vl": Qwen3VLForConditionalGeneration}
@@ -110,25 +42,9 @@ def model_class(config):
 def load_model(path, *, dtype=torch.float32, device="cpu"):
     """Qwen2.5-VL or Qwen3-VL from a hub id or local folder, whole, on one device."""
     config = AutoConfig.from_pretrained(path)
-    model = model_class(config).from_pretrained(path, config=config, dtype=dtype,
-                                                attn_implementation=attention_implementation())
-    return linear_patch_embed(model).to(device)
-
-
-def load_processor(path, **kwargs):
-    """AutoProcessor.from_pretrained(path, **kwargs), or a stop that says what to change in older
-    Qwen2.5-VL folders whose preprocessor_config.json names "Qwen2_5_VLImageProcessor":
-    transformers 5 has no such class (huggingface/transformers#36193) and vLLM 0.32 fails on them
-    too, with a hint at trust_remote_code that does not help."""
-    try:
-        return transformers.AutoProcessor.from_pretrained(path, **kwargs)
-    except ValueError as e:
-        if "Unrecognized image processor" not in str(e):
-            raise
-    raise ValueError(f"{path}: preprocessor_config.json names an image processor that "
-                     f"transformers {transformers.__version__} does not have (older Qwen2.5-VL "
-                     'folders say "Qwen2_5_VLImageProcessor"). Qwen2.5-VL uses Qwen2-VL\'s: set '
-                     '"image_processor_type": "Qwen2VLImageProcessor" in that file.')
+    model = model_class(config).from_pretrained(
+        path, config=config, dtype=dtype, attn_implementation=patches.attention_implementation())
+    return patches.linear_patch_embed(model).to(device)
 
 
 def unwrapped_name(name):
@@ -185,13 +101,13 @@ def load_fsdp_model(path, mesh, *, rank, master_dtype=torch.float32, lora=None, 
     copy alike, so the names match and every rank gets rank 0's adapters."""
     with torch.device("meta"):
         config = AutoConfig.from_pretrained(path)
-        model = model_class(config)._from_config(config, dtype=master_dtype,
-                                                 attn_implementation=attention_implementation())
+        model = model_class(config)._from_config(
+            config, dtype=master_dtype, attn_implementation=patches.attention_implementation())
     try:  # config.json names one eos (<|im_end|>); Qwen's generation_config.json adds <|endoftext|>
         model.generation_config = GenerationConfig.from_pretrained(path)
     except OSError:  # the folder has none
         pass
-    linear_patch_embed(model)
+    patches.linear_patch_embed(model)
     if lora:
         apply_lora(model, **lora)
     apply_fsdp(model, mesh, **fsdp_options)
@@ -215,72 +131,6 @@ def load_fsdp_model(path, mesh, *, rank, master_dtype=torch.float32, lora=None, 
         for buf in model.buffers():
             buf.data = buf.data.to(device)
     return model
-
-
-# ----------------------------------------------------------------------------- LoRA
-class LoRALinear(torch.nn.Module):
-    """y = base(x) + dropout(x) @ A^T @ B^T * alpha / rank (Hu et al. 2021), `base` frozen. PEFT's
-    init: A (rank, in) kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(in)), B (out, rank) zeros."""
-
-    def __init__(self, base, *, rank, alpha, dropout, generator):
-        super().__init__()
-        self.base, self.scale, self.dropout = base, alpha / rank, torch.nn.Dropout(dropout)
-        A = torch.nn.init.kaiming_uniform_(torch.empty(rank, base.in_features), a=5 ** 0.5,
-                                           generator=generator)
-        # Drawn on the CPU, then moved to base's device and dtype.
-        self.lora_A = torch.nn.Parameter(A.to(base.weight))
-        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank).to(base.weight))
-
-    def forward(self, x):
-        return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
-
-
-def apply_lora(model, *, rank, alpha, dropout=0.0, seed=0,
-               targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                        "down_proj")):
-    """Freeze `model`, then wrap each nn.Linear named one of `targets` in the language model's
-    layers (not the vision tower, whose MLP is named alike) in a LoRALinear; before FSDP. Names:
-    `<m>.base.weight`, `<m>.base.bias` (frozen), `<m>.lora_A` (rank, in), `<m>.lora_B` (out, rank).
-    A comes from a generator seeded with `seed`: every rank draws the same. `model.lora` keeps the
-    settings, for the savers."""
-    model.requires_grad_(False)
-    generator, layers = torch.Generator().manual_seed(seed), model.model.language_model.layers
-    for name, module in list(layers.named_modules()):
-        if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] in targets:
-            layers.set_submodule(name, LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout,
-                                                  generator=generator))
-    model.lora = dict(rank=rank, alpha=alpha, dropout=dropout, targets=list(targets), seed=seed)
-    return model
-
-
-def merge_lora(named_tensors, *, scale):
-    """(name, full tensor) pairs of a LoRA model (rollout.full_weights, a state dict) under the
-    plain HF names: `<m>.weight` = base.weight + scale * lora_B @ lora_A (in float32), `<m>.bias` =
-    base.bias, the rest as they come. A module's three tensors may come in any order."""
-    pending = {}  # module -> {"weight", "lora_A", "lora_B"} so far
-    for name, t in named_tensors:
-        module, _, leaf = name.rpartition(".")
-        if module.endswith(".base") and leaf == "bias":
-            yield module.removesuffix(".base") + ".bias", t
-        elif module.endswith(".base") or leaf in ("lora_A", "lora_B"):
-            module = module.removesuffix(".base")
-            pending.setdefault(module, {})[leaf] = t
-            if len(pending[module]) == 3:
-                w, A, B = map(pending.pop(module).get, ("weight", "lora_A", "lora_B"))
-                yield module + ".weight", (w.float() + scale * (B.float() @ A.float())).to(w.dtype)
-        else:
-            yield name, t
-    assert not pending, f"LoRA modules missing a tensor: {sorted(pending)}"
-
-
-def merged_hf_weights(model, named_tensors):
-    """(name, full tensor) pairs of `model` under the plain Qwen2.5-VL names: adapters merged."""
-    lora = getattr(model, "lora", None)
-    return merge_lora(named_tensors, scale=lora["alpha"] / lora["rank"]) if lora else named_tensors
-
-
-def hf_state_dict(model, state):
-    return dict(merged_hf_weights(model, state.items()))  # a full state dict, plain names
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -471,100 +321,3 @@ def save_lora_adapter(model, out_dir, *, rank):
         with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)
     return out_dir
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)  # a file, or a folder: its entries (new files, renames) too
-    os.fsync(fd)
-    os.close(fd)
-
-
-def save_checkpoint(path, model, optimizer, extra, *, rank):
-    """Sharded model + optimizer (torch.distributed.checkpoint: each rank writes its own shards),
-    this rank's `extra` (step, data position, RNG states, as plain data and tensors) and
-    checkpoint.json (world size, file sizes). Written to `path.tmp`, fsynced and renamed when every
-    rank is done, so a crash mid-save never leaves a folder that looks complete. An existing `path`
-    (a rerun, a resume from an older step) is replaced."""
-    tmp = path + ".tmp"
-    if rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # the remains of a save that crashed
-    dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)  # fsyncs its files
-    torch.save(extra, os.path.join(tmp, f"extra_rank{rank}.pt"))
-    _fsync(os.path.join(tmp, f"extra_rank{rank}.pt"))
-    if rank == 0 and getattr(model, "lora", None):  # export.py rebuilds the adapters from it
-        with open(os.path.join(tmp, "lora.json"), "w") as f:
-            json.dump(model.lora, f)
-        _fsync(os.path.join(tmp, "lora.json"))
-    dist.barrier()
-    if rank == 0:
-        files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-        with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
-            json.dump({"world_size": dist.get_world_size(), "files": files}, f)
-        _fsync(os.path.join(tmp, "checkpoint.json"))
-        _fsync(tmp)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-        _fsync(os.path.dirname(os.path.abspath(path)))
-    dist.barrier()
-
-
-def checkpoint_problem(path, world_size=None):
-    """What keeps `path` from being a whole save_checkpoint folder (of `world_size` ranks if
-    given), naming the folder and file; None if nothing. Cheap, no tensor is read: every file must
-    have its size in checkpoint.json, and DCP's .metadata, which DCP reads with a plain
-    pickle.load, may name only the classes DCP writes there, so a crafted one runs nothing. Another
-    world size is refused: each rank's extra state (data position, RNGs) is its own."""
-    here = dcp_md.__name__  # the dataclasses and enums DCP defines for its metadata
-    safe = {(here, k) for k, v in vars(dcp_md).items() if getattr(v, "__module__", 0) == here}
-    safe |= {(dcp_fs.__name__, "_StorageInfo"), ("torch.serialization", "_get_layout")}
-    dtypes = {k for k, v in vars(torch).items() if isinstance(v, torch.dtype)}
-    safe |= {("torch", k) for k in dtypes | {"Size"}}
-    safe |= {(c.__module__, c.__name__) for c in (pathlib.PosixPath, pathlib.WindowsPath)}
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if (module, name) not in safe:
-                raise pickle.UnpicklingError(f"{module}.{name} may not be in checkpoint metadata")
-            return super().find_class(module, name)
-
-    name = "checkpoint.json"
-    try:
-        with open(os.path.join(path, name)) as f:
-            saved = json.load(f)
-        ranks = saved["world_size"]
-        for name, size in saved["files"].items():
-            if (got := os.path.getsize(os.path.join(path, name))) != size:
-                return f"checkpoint {path}: {name} has {got} bytes, {size} when saved"
-        name = ".metadata"
-        with open(os.path.join(path, name), "rb") as f:
-            Unpickler(f).load()
-    except Exception as e:  # a missing file, bad JSON, a refused pickle: the folder is unusable
-        why = "missing" if isinstance(e, FileNotFoundError) else e
-        return f"checkpoint {path}: {name}: {why}"
-    if world_size not in (None, ranks):
-        return f"checkpoint {path} was saved by {ranks} ranks, not {world_size}"
-    return None
-
-
-def load_checkpoint(path, model, optimizer, *, rank):
-    """Restore what save_checkpoint wrote, in place; returns this rank's `extra`. A
-    checkpoint_problem is a ValueError, before anything loads. No pickle runs code."""
-    class WeightsOnlyPlanner(dcp.DefaultLoadPlanner):
-        # DCP unpickles non-tensor entries (lr, betas) with weights_only=False: check them first
-        def load_bytes(self, read_item, value):
-            torch.load(value, weights_only=True)
-            value.seek(0)
-            super().load_bytes(read_item, value)
-
-    if problem := checkpoint_problem(path, dist.get_world_size()):
-        raise ValueError(problem)
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path, planner=WeightsOnlyPlanner())
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
-    return torch.load(os.path.join(path, f"extra_rank{rank}.pt"), weights_only=True)

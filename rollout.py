@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 import data
+import lora
 import model as modeling
 
 BANNED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
@@ -143,12 +144,10 @@ def sync_weights(engine, model):
             aliases.setdefault(first[id(p)], []).append(name)
 
     def weights():
-        for name, tensor in modeling.merged_hf_weights(model, full_weights(model)):
+        for name, tensor in lora.merged_hf_weights(model, full_weights(model)):
             tensor = tensor.detach().to(dtype)
             for name in (name, *aliases.get(name, ())):
-                # Activation checkpointing and torch.compile wrap modules; vLLM knows only HF names.
-                name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-                yield name, tensor
+                yield modeling.unwrapped_name(name), tensor  # vLLM knows only HF names
     with torch.no_grad():
         engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(),
                                                         "is_checkpoint_format": True})

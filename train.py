@@ -22,17 +22,11 @@ A sample is one response, a dict (data.collate pads a list of them into a batch)
   ref_logp       (R,) float   main: the reference model (kl_coef > 0)
 The advantages are a (B,) tensor in the samples' order, never stored in them.
 """
-import atexit
-import dataclasses
 import datetime
-import json
 import math
 import os
 import random
-import re
 import resource
-import shutil
-import signal
 import socket
 import sys
 import time
@@ -45,9 +39,13 @@ from torch.distributed.device_mesh import init_device_mesh
 import transformers
 from tqdm import tqdm
 
+import checkpoints
 import data
+import flags
 import grpo
+import memplan
 import model as modeling
+import patches
 import reward
 import rollout
 import runlog
@@ -146,84 +144,8 @@ class Config:
 
 
 def parse_flags(argv, config=Config):
-    """--name=value or --name value, exact field names, strict booleans; unknown flags are errors.
-    The tiny model's own defaults (tiny.TINY) fill the flags not given when it is the model."""
-    fields = {f.name: f for f in dataclasses.fields(config)}
-    if "--help" in argv or "-h" in argv:
-        print("flags (default; the tiny default in brackets):")
-        for f in fields.values():
-            tiny_default = f" [{tiny.TINY[f.name]}]" if f.name in tiny.TINY else ""
-            print(f"  --{f.name}={f.default}{tiny_default}")
-        sys.exit(0)
-    given, i = {}, 0
-    while i < len(argv):
-        name, eq, value = argv[i].partition("=")
-        if not name.startswith("--"):
-            raise SystemExit(f"unexpected argument {argv[i]!r}; flags look like --name=value")
-        name = name[2:]
-        if not eq:
-            if i + 1 >= len(argv):
-                raise SystemExit(f"flag --{name} needs a value")
-            value, i = argv[i + 1], i + 1
-        if name not in fields:
-            raise SystemExit(f"unknown flag --{name}; see --help")
-        kind = type(fields[name].default)
-        if kind is bool and value not in ("true", "false", "True", "False", "1", "0"):
-            raise SystemExit(f"--{name} takes true or false, not {value!r}")
-        try:
-            given[name] = value in ("true", "True", "1") if kind is bool else kind(value)
-        except ValueError:
-            raise SystemExit(f"--{name} takes a {kind.__name__}, not {value!r}")
-        i += 1
-    if tiny.is_tiny(given.get("model_path", config.model_path)):
-        given = {**{k: v for k, v in tiny.TINY.items() if k in fields}, **given}
-    return check_flags(config(**given))
-
-
-CHOICES = dict(sampler=("vllm", "hf"), adv_estimator=("grpo", "rloo"),
-               ratio_level=("token", "sequence", "sequence_token"),
-               kl_estimator=("k1", "k2", "k3", "abs"),
-               loss_agg=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
-                         "seq_mean_token_sum_norm"),
-               mismatch_correction=("none", "token", "sequence"),
-               master_dtype=("float32", "bfloat16"), algo=("sft", "mpo"))
-# Sizes that must be at least this: a zero or negative one would fail deep inside a step.
-AT_LEAST = dict(num_generations=2, rollout_batch_size=1, global_batch_size=1, micro_batch_size=1,
-                max_response_length=1, max_prompt_length=1, max_steps=1, min_pixels=1, vllm_tp=1,
-                max_sample_tries=1, sft_batch_size=1, max_bad_steps=1, hf_batch_size=0,
-                val_freq=0, save_freq=0, lora_rank=0, vllm_kv_cache_mb=0,
-                val_max_prompts=0, chord_decay_steps=1, chord_warmup_steps=0,
-                reward_timeout=1e-3, mismatch_cap=1.0, lr=0.0, kl_coef=0.0, gpu_memory_gib=0.0,
-                max_tokens_per_micro_batch=0)
-FREEZABLE = ("vision", "merger", "llm")
-
-
-def check_flags(cfg):
-    """Every flag checked before anything loads (a mistake found after a 7B has loaded costs
-    minutes), the flag named in the message."""
-    for name, allowed in CHOICES.items():
-        if hasattr(cfg, name) and getattr(cfg, name) not in allowed:
-            raise SystemExit(f"--{name} must be one of {', '.join(allowed)}, "
-                             f"not {getattr(cfg, name)!r}")
-    for name, low in AT_LEAST.items():
-        if getattr(cfg, name) < low:
-            raise SystemExit(f"--{name} must be at least {low}, not {getattr(cfg, name)}")
-    if cfg.rollout_batch_size % cfg.global_batch_size:
-        raise SystemExit(f"--rollout_batch_size={cfg.rollout_batch_size} must be a multiple of "
-                         f"--global_batch_size={cfg.global_batch_size}")
-    if cfg.max_pixels < cfg.min_pixels:
-        raise SystemExit(f"--max_pixels={cfg.max_pixels} is below --min_pixels={cfg.min_pixels}")
-    if cfg.temperature <= 0:  # log-probs are taken at the sampling temperature: logits / 0
-        raise SystemExit(f"--temperature must be above 0, not {cfg.temperature} "
-                         "(greedy validation: --val_temperature=0)")
-    for name in ("top_p", "val_top_p", "vllm_gpu_memory_utilization"):
-        if not 0 < getattr(cfg, name) <= 1:
-            raise SystemExit(f"--{name} must be above 0 and at most 1, not {getattr(cfg, name)}")
-    if not 0 <= cfg.lora_dropout < 1 or cfg.val_temperature < 0:
-        raise SystemExit("--lora_dropout must lie in [0, 1) and --val_temperature be at least 0")
-    if unknown := set(filter(None, cfg.freeze.split(","))) - set(FREEZABLE):
-        raise SystemExit(f"--freeze takes {', '.join(FREEZABLE)}, not {', '.join(unknown)}")
-    return cfg
+    """`config` from --name=value flags, every value checked before anything loads: flags.py."""
+    return flags.parse(argv, config)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -268,25 +190,9 @@ def all_reduce(values, op=dist.ReduceOp.SUM):
     return dict(zip(keys, t.tolist()))
 
 
-def on_rank0(fn, *args, rank):
-    """fn(*args) on rank 0, its SystemExit raised on every rank (the others would wait forever in
-    their next collective); returns fn's result on rank 0, None elsewhere."""
-    result, error = None, None
-    if rank == 0:
-        try:
-            result = fn(*args)
-        except SystemExit as e:
-            error = str(e)
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        raise SystemExit(box[0])
-    return result
-
-
 def prepare_out_dir(cfg, rank, world_size):
-    """Checks that need no model, then out_dir claimed for this run (a lock) and the checkpoint to
-    resume from ("" = a fresh start)."""
+    """Checks that need no model, then out_dir claimed for this run and the checkpoint to resume
+    from ("" = a fresh start): checkpoints.claim."""
     tp = tp_size(cfg)
     for name in ("global_batch_size", "rollout_batch_size"):
         if getattr(cfg, name) % world_size:
@@ -297,18 +203,7 @@ def prepare_out_dir(cfg, rank, world_size):
     os.makedirs(cfg.out_dir, exist_ok=True)
     if not os.access(cfg.out_dir, os.W_OK):
         raise SystemExit(f"--out_dir={cfg.out_dir} is not writable")
-    if cfg.dry_run:
-        return ""
-    lock = on_rank0(claim_out_dir, cfg.out_dir, rank=rank)
-    if lock:
-        atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
-    ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
-    resume_from = find_checkpoint(cfg.resume, ckpt_root, world_size) if cfg.resume else ""
-    if not resume_from and checkpoint_steps(ckpt_root):
-        raise SystemExit(f"{ckpt_root} holds checkpoints {checkpoint_steps(ckpt_root)}: "
-                         "--resume=auto continues from the newest; to start over, use another "
-                         "--out_dir or delete them")
-    return resume_from
+    return "" if cfg.dry_run else checkpoints.claim(cfg.out_dir, cfg.resume, rank, world_size)
 
 
 def resolve_paths(cfg, rank, train_data):
@@ -322,31 +217,13 @@ def resolve_paths(cfg, rank, train_data):
     return tiny.resolve(paths, cfg.cache_dir)
 
 
-def plan_memory(cfg, model_path, world_size, device):
-    """The memory plan (memplan.py), from the config alone, before any weights load: printed,
-    and on CUDA a run that does not fit stops here. True for a dry run (the plan is all)."""
-    if not (cfg.dry_run or device.type == "cuda" and cfg.memory_check):
-        return False
-    import memplan
-
-    gib = cfg.gpu_memory_gib or (torch.cuda.get_device_properties(device).total_memory / 2**30
-                                 if device.type == "cuda" else memplan.DEFAULT_GPU_GIB)
-    table, fits = memplan.plan_from_config(dataclasses.replace(cfg, model_path=model_path),
-                                           world_size, gib)
-    print0(table)
-    if not fits and not cfg.dry_run:
-        raise SystemExit("the memory plan above says this run does not fit; change the flags it "
-                         "names (--memory_check=false starts it anyway)")
-    return cfg.dry_run
-
-
 def load_models(cfg, model_path, mesh, device, *, with_ref):
     """(processor, policy, ref or None, optimizer). Built on the meta device, read by rank 0 only
     and broadcast; bf16 compute on GPU with fp32 gradient reduction (FSDP2 mixed precision)."""
     torch.manual_seed(cfg.seed)  # LoRA's initial A
     # The run's pixel bounds in the processor too (and in vLLM's): data.py resizes into them,
     # and the processor's rounding to 28-px units must then agree on both sides.
-    processor = modeling.load_processor(
+    processor = patches.load_processor(
         model_path, size={"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels})
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     fsdp = dict(param_dtype=compute_dtype, reduce_dtype=torch.float32,
@@ -419,120 +296,6 @@ def make_sampler(cfg, model_path, policy, processor, world_size, max_images):
 
     return (sample, lambda: rollout.sync_weights(engine, policy),
             lambda level: rollout.sleep(engine, level))
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def claim_out_dir(out_dir):
-    """One run per out_dir: out_dir/run.lock holds the owner's pid and host; a second run stops
-    here. A lock left by a run that died on this host (its pid is gone) is taken over."""
-    lock, me = os.path.join(out_dir, "run.lock"), f"{os.getpid()} {socket.gethostname()}"
-    while True:
-        try:
-            with open(lock, "x") as f:
-                f.write(me)
-            return lock
-        except FileExistsError:
-            pid, _, host = open(lock).read().partition(" ")
-            if host != socket.gethostname() or not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
-                raise SystemExit(f"{out_dir} is in use by the run with pid {pid} on {host} (lock "
-                                 f"file {lock}; delete it if that run is over)")
-            os.remove(lock)  # its owner is dead
-
-
-def checkpoint_steps(ckpt_root):
-    """The step numbers of the step_N folders in ckpt_root, oldest first."""
-    names = os.listdir(ckpt_root) if os.path.isdir(ckpt_root) else []
-    return sorted(int(d[5:]) for d in names if re.fullmatch(r"step_\d+", d))
-
-
-def find_checkpoint(resume, ckpt_root, world_size):
-    """`resume` itself, or for "auto" the newest whole checkpoint in ckpt_root, naming each
-    damaged one it skips ("" if none). A checkpoint of another world size is refused: each rank's
-    data position and RNGs are its own."""
-    candidates = [resume] if resume != "auto" else [
-        os.path.join(ckpt_root, f"step_{n}") for n in reversed(checkpoint_steps(ckpt_root))]
-    for path in candidates:
-        if problem := modeling.checkpoint_problem(path):
-            if resume != "auto":
-                raise SystemExit(f"--resume={resume}: {problem}")
-            print0(f"--resume=auto: skipping {path}: {problem}")
-        elif problem := modeling.checkpoint_problem(path, world_size):
-            raise SystemExit(f"--resume: {problem}; resume on that many ranks")
-        else:
-            return path
-    return ""
-
-
-def resume(path, policy, optimizer, cfg, pos, order_rng):
-    """Load a checkpoint in place (this run's --lr and --weight_decay win over the saved ones,
-    saying so), with the data position `pos`, the order's RNG and torch's; returns the saved
-    state, or None for a fresh start. Either way out_dir's history is rewound to that step, and
-    from here SIGTERM and Ctrl-C stop the run after its step, with a checkpoint (on_signal)."""
-    state = None
-    if path:
-        state = modeling.load_checkpoint(path, policy, optimizer, rank=dist.get_rank())
-    if state:
-        print0(f"resumed from {path} (step {state['step']})")
-        saved = {k: optimizer.param_groups[0][k] for k in ("lr", "weight_decay")}
-        if saved != {"lr": cfg.lr, "weight_decay": cfg.weight_decay}:
-            print0(f"the checkpoint's optimizer had {saved}; this run's --lr={cfg.lr} and "
-                   f"--weight_decay={cfg.weight_decay} apply")
-        for group in optimizer.param_groups:
-            group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
-        pos.update(order=state["order"], cursor=state["cursor"], draws=state["draws"])
-        order_rng.setstate(state["order_rng"])
-        torch.set_rng_state(state["torch_rng"])
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    on_rank0(rewind_out_dir, cfg.out_dir, state["step"] if state else 0, rank=dist.get_rank())
-    return state
-
-
-def rewind_out_dir(out_dir, step):
-    """Make out_dir's history end at `step`: metrics.jsonl keeps records up to it, and checkpoints
-    after it (a rollback with --resume=<older step>) are deleted, saying so, or the newest-first
-    pruning would keep them and drop the new ones."""
-    ckpt_root = os.path.join(out_dir, "checkpoints")
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    for n in [n for n in checkpoint_steps(ckpt_root) if n > step]:
-        print(f"rewinding to step {step}: deleting {ckpt_root}/step_{n}", flush=True)
-        shutil.rmtree(os.path.join(ckpt_root, f"step_{n}"))
-    if os.path.exists(metrics):
-        # A line cut short by a kill mid-write ends with no newline: it is dropped too.
-        kept = [line for line in open(metrics)
-                if line.endswith("\n") and json.loads(line)["step"] <= step]
-        with open(metrics + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics + ".tmp", metrics)
-
-
-# SIGTERM (a scheduler's notice before preemption) and Ctrl-C end the run after the current step,
-# with a checkpoint; a second signal ends it at once. The names of the signals caught:
-CAUGHT = []
-
-
-def on_signal(signum, frame):
-    CAUGHT.append(signal.Signals(signum).name)
-    signal.signal(signum, signal.SIG_DFL)
-
-
-def checkpoint_or_stop(cfg, step, policy, optimizer, state, reason=""):
-    """The step's checkpoint (every save_freq steps), and the end of the run, with a checkpoint,
-    on a signal or a circuit breaker's `reason`. Every rank decides alike (a signal may reach one).
-    A checkpoint resumes exactly: weights, AdamW state, `state` (data position, RNGs)."""
-    stop = all_reduce({"stop": float(bool(CAUGHT or reason))}, op=dist.ReduceOp.MAX)["stop"]
-    ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
-    if stop or cfg.save_freq and step % cfg.save_freq == 0:
-        modeling.save_checkpoint(os.path.join(ckpt_root, f"step_{step}"), policy, optimizer,
-                                 {"step": step, **state, "torch_rng": torch.get_rng_state()},
-                                 rank=dist.get_rank())
-        if dist.get_rank() == 0 and cfg.save_limit > 0:
-            for old in checkpoint_steps(ckpt_root)[:-cfg.save_limit]:
-                shutil.rmtree(os.path.join(ckpt_root, f"step_{old}"))
-    if stop:
-        why = reason or " and ".join(CAUGHT) or "a signal on another rank"
-        raise SystemExit(f"stopped after step {step}: {why}; checkpoint {ckpt_root}/step_{step} "
-                         "(--resume=auto continues from it)")
 
 
 # ----------------------------------------------------------------------------- the step's parts
@@ -773,7 +536,7 @@ def main(cfg):
     print0(f"model {paths['model']} | train {paths['train']} | val {paths['val']} | "
            f"world {world_size} on {device.type} | sampler {cfg.sampler} | G {cfg.num_generations}"
            f" | {cfg.rollout_batch_size} prompts a step, {cfg.global_batch_size} an update")
-    if plan_memory(cfg, paths["model"], world_size, device):
+    if memplan.check(cfg, paths["model"], world_size, device):
         dist.destroy_process_group()
         return
     processor, policy, ref, optimizer = load_models(cfg, paths["model"], mesh, device,
@@ -790,7 +553,8 @@ def main(cfg):
     torch.manual_seed(cfg.seed + rank)  # vLLM seeds the global RNGs when it starts: ours again
     pos, order_rng = {"order": [], "cursor": 0, "draws": 0}, random.Random(cfg.seed)
     sft_rng = random.Random(cfg.seed + rank)  # CHORD's expert rows
-    saved = resume(resume_from, policy, optimizer, cfg, pos, order_rng)
+    saved = checkpoints.resume(resume_from, policy, optimizer, pos, order_rng, lr=cfg.lr,
+                          weight_decay=cfg.weight_decay, out_dir=cfg.out_dir)
     if saved:
         sft_rng.setstate(saved["sft_rng"])
     sync()
@@ -901,7 +665,8 @@ def main(cfg):
         if record["reward/failed"] + record["reward/timed_out"] >= record["reward/scored"]:
             reason = f"the reward failed or timed out on every sample of step {step} (see above)"
         state = {**pos, "order_rng": order_rng.getstate(), "sft_rng": sft_rng.getstate()}
-        checkpoint_or_stop(cfg, step, policy, optimizer, state, reason)
+        checkpoints.checkpoint_or_stop(cfg.out_dir, step, policy, optimizer, state, reason=reason,
+                                       save_freq=cfg.save_freq, save_limit=cfg.save_limit)
     bar.close()
     finish(cfg, sample, sleep, policy, processor, val_prompts, first_val, run_log, tokenizer,
            reward_fn, wall=time.perf_counter() - t_start)

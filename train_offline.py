@@ -17,10 +17,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
 
+import checkpoints
 import grpo
+import memplan
 import model as modeling
 import reward
 import rollout
@@ -34,6 +37,52 @@ class OfflineConfig(train.Config):
     algo: str = "sft"  # sft | mpo
     mpo_beta: float = 0.1  # the DPO / BCO temperature on sum_t log(pi / pi_ref)
     mpo_weights: str = "0.8,0.2,1.0"  # the DPO, BCO and SFT terms' weights (the MPO paper's)
+
+
+# ----------------------------------------------------------------------------- MPO's losses
+# MPO (arXiv 2411.10442) learns from (chosen, rejected) pairs: 0.8 DPO + 0.2 BCO + 1.0 SFT, on each
+# response's logratio = sum_t (logp_t - ref_logp_t) = log pi(y|x) - log pi_ref(y|x).
+def dpo_loss(chosen_logratio, rejected_logratio, beta=0.1):
+    """DPO's sigmoid loss per pair (arXiv 2305.18290): -log sigmoid(beta (c - r)), log 2 where
+    c = r. (B,) -> (loss (B,), metrics): the share of pairs with beta c > beta r (a tie misses, as
+    in TRL), the mean beta (c - r)."""
+    m = beta * (chosen_logratio - rejected_logratio)
+    d = m.detach()
+    loss = -F.logsigmoid(m)
+    return loss, {"reward_accuracy": (d > 0).to(d.dtype).mean(), "reward_margin": d.mean()}
+
+
+def bco_pair_loss(chosen_logratio, rejected_logratio, beta=0.1, delta=0.0):
+    """BCO (arXiv 2404.04656) on pairs, MPO's quality loss: each response is classified alone, good
+    or bad, by its reward r = beta * logratio against the shift delta (bco_delta; no gradient).
+    (B,) -> (loss (B,), metrics): -log sigmoid(r_c - delta) - log sigmoid(-(r_r - delta))."""
+    r_c, r_r, delta = beta * chosen_logratio, beta * rejected_logratio, float(delta)
+    loss = -F.logsigmoid(r_c - delta) - F.logsigmoid(delta - r_r)
+    return loss, {"reward_chosen": r_c.detach().mean(), "reward_rejected": r_r.detach().mean()}
+
+
+def bco_delta(delta, num_batches, rewards):
+    """BCO's shift after one more batch (rewards: its r_c and r_r), a float: the running mean of
+    batch means, as MPO's code keeps it; num_batches counts those already in delta. Updated once
+    per optimizer step, it is one value for all ranks."""
+    return delta + (float(torch.as_tensor(rewards).detach().mean()) - delta) / (num_batches + 1)
+
+
+def mpo_loss(chosen_logratio, rejected_logratio, chosen_logp, chosen_mask, *, beta=0.1, delta=0.0,
+             weights=(0.8, 0.2, 1.0), num_pairs=None, num_tokens=None):
+    """MPO: w_dpo L_dpo + w_bco L_bco + w_sft L_sft -> (scalar loss, metrics); weights the paper's
+    (TRL's loss_weights for sigmoid, bco_pair, sft). L_sft: the token-mean NLL of chosen_logp (B, T)
+    under chosen_mask, like TRL's nll_loss. Pair terms are summed / num_pairs, L_sft / num_tokens:
+    for micro-batches pass the whole batch's counts and sum the results (see aggregate)."""
+    dpo, metrics = dpo_loss(chosen_logratio, rejected_logratio, beta)
+    bco, bco_metrics = bco_pair_loss(chosen_logratio, rejected_logratio, beta, delta)
+    n = chosen_logratio.numel() if num_pairs is None else num_pairs
+    parts = {"dpo": dpo.sum() / n, "bco": bco.sum() / n}
+    nll = grpo.sft_loss(chosen_logp, chosen_mask)
+    parts["sft"] = grpo.aggregate(nll, chosen_mask, num_tokens=num_tokens)
+    loss = sum(w * parts[k] for w, k in zip(weights, ("dpo", "bco", "sft"), strict=True))
+    return loss, metrics | bco_metrics | {f"loss_{k}": v.detach() for k, v in parts.items()}
+
 
 
 def sft_step(policy, optimizer, samples, cfg, **batching):
@@ -67,7 +116,7 @@ def mpo_step(policy, optimizer, pairs, cfg, *, delta, pad_id, device, banned_ids
         mask = mb["response_mask"]
         logp = modeling.token_logprobs(policy, mb, banned_ids=banned_ids)
         logratio = ((logp - mb["ref_logp"]) * mask).sum(-1)  # (2k,): sum_t log pi / pi_ref
-        loss, m = grpo.mpo_loss(logratio[0::2], logratio[1::2], logp[0::2], mask[0::2],
+        loss, m = mpo_loss(logratio[0::2], logratio[1::2], logp[0::2], mask[0::2],
                                 beta=cfg.mpo_beta, delta=delta, weights=weights,
                                 num_pairs=n_pairs, num_tokens=n_tokens)
         loss.backward()
@@ -92,7 +141,7 @@ def main(cfg):
     paths = train.resolve_paths(cfg, rank, cfg.train_data or synthetic)
     train.print0(f"{cfg.algo}: model {paths['model']} | train {paths['train']} | val "
                  f"{paths['val']} | world {world_size} on {device.type}")
-    if train.plan_memory(cfg, paths["model"], world_size, device):
+    if memplan.check(cfg, paths["model"], world_size, device):
         dist.destroy_process_group()
         return
     processor, policy, ref, optimizer = train.load_models(cfg, paths["model"], mesh, device,
@@ -109,7 +158,8 @@ def main(cfg):
     torch.manual_seed(cfg.seed + rank)  # vLLM seeds the global RNGs when it starts: ours again
     pos, order_rng = {"order": [], "cursor": 0, "draws": 0}, random.Random(cfg.seed)
     mpo = {"delta": 0.0, "batches": 0}  # BCO's running shift and how many steps are in it
-    saved = train.resume(resume_from, policy, optimizer, cfg, pos, order_rng)
+    saved = checkpoints.resume(resume_from, policy, optimizer, pos, order_rng, lr=cfg.lr,
+                          weight_decay=cfg.weight_decay, out_dir=cfg.out_dir)
     if saved:
         mpo.update(saved["mpo"])
     sync()
@@ -143,7 +193,7 @@ def main(cfg):
             ref.reshard()
             stats = mpo_step(policy, optimizer, pairs, cfg, delta=mpo["delta"], **batching)
             mean = train.all_reduce({"r": stats["mpo/reward_mean"]})["r"] / world_size
-            mpo["delta"] = grpo.bco_delta(mpo["delta"], mpo["batches"], [mean])
+            mpo["delta"] = bco_delta(mpo["delta"], mpo["batches"], [mean])
             mpo["batches"] += 1
             updates.append({**stats, "mpo/delta": mpo["delta"]})
         record = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
@@ -157,7 +207,8 @@ def main(cfg):
             run_log.validation(*train.validate(sample, val_prompts, step, cfg, tokenizer,
                                                reward_fn))
         state = {**pos, "order_rng": order_rng.getstate(), "mpo": dict(mpo)}
-        train.checkpoint_or_stop(cfg, step, policy, optimizer, state)
+        checkpoints.checkpoint_or_stop(cfg.out_dir, step, policy, optimizer, state,
+                                       save_freq=cfg.save_freq, save_limit=cfg.save_limit)
     sync()
     train.finish(cfg, sample, sleep, policy, processor, val_prompts, first_val, run_log, tokenizer,
                  reward_fn, wall=time.perf_counter() - t_start)

@@ -17,7 +17,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402
 import data  # noqa: E402
+import lora  # noqa: E402
 import model as modeling  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
@@ -92,17 +94,17 @@ def lora_step(policy, samples, processor, out_path, rank, world):
 
     loaded = full_state(policy)
     optimizer, out = step(policy, samples, rank, world)
-    merged = modeling.merge_lora(rollout.full_weights(policy), scale=LORA["alpha"] / LORA["rank"])
+    merged = lora.merge_lora(rollout.full_weights(policy), scale=LORA["alpha"] / LORA["rank"])
     out["merged"] = {n.replace("_checkpoint_wrapped_module.", ""): w for n, w in merged}
     # The gathered state merged in this process too (B @ A is float arithmetic): the two merges
     # then run the same kernels with the same thread count, and the test can ask for the same bits.
-    out["state_merged"] = modeling.hf_state_dict(policy, out["state"])
+    out["state_merged"] = lora.hf_state_dict(policy, out["state"])
     out["batch"] = data.collate(samples, 0)
     with torch.no_grad():
         out["logp"] = modeling.token_logprobs(policy, out["batch"])
     modeling.save_hf(policy, processor, out_path + ".hf", rank=rank)
     modeling.save_lora_adapter(policy, out_path + ".adapter", rank=rank)
-    modeling.save_checkpoint(out_path + ".ckpt", policy, optimizer, {}, rank=rank)
+    checkpoints.save_checkpoint(out_path + ".ckpt", policy, optimizer, {}, rank=rank)
     return {"loaded": loaded, **out}
 
 
@@ -146,7 +148,7 @@ def main(model_dir, data_dir, out_path, mode="plain"):
             optimizer, out[name] = step(policy, samples, rank, world)
             out[name]["optim_dtypes"] = {v.dtype for s in optimizer.state.values() for v in s.values() if v.dim()}
             if name == "checkpointing":  # wrapped names inside: a checkpoint, an HF folder, their log-probs
-                modeling.save_checkpoint(out_path + ".ckpt", policy, optimizer, {}, rank=rank)
+                checkpoints.save_checkpoint(out_path + ".ckpt", policy, optimizer, {}, rank=rank)
                 modeling.save_hf(policy, processor, out_path + ".hf", rank=rank)
                 with torch.no_grad():
                     out[name]["logp"] = modeling.token_logprobs(policy, batch)

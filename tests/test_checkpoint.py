@@ -1,4 +1,4 @@
-"""model.save_checkpoint / load_checkpoint / checkpoint_problem in one gloo process, on a small
+"""checkpoints.save_checkpoint / load_checkpoint / checkpoint_problem in one gloo process, on a small
 nn.Sequential and AdamW (DCP treats a plain module as FSDP's one-rank case): a round trip restores
 the state, a rerun replaces a step, files are fsynced before the rename, and a damaged, crafted or
 foreign checkpoint is refused with the folder and file named, before anything is loaded."""
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException
 
-import model as modeling
+import checkpoints
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,14 +45,14 @@ EXTRA = {"step": 4, "order": [3, 0, 2, 1], "cursor": 2, "order_rng": random.Rand
 
 def save(path, extra=EXTRA, seed=0):
     net, opt = trained(seed)
-    modeling.save_checkpoint(str(path), net, opt, extra, rank=0)
+    checkpoints.save_checkpoint(str(path), net, opt, extra, rank=0)
     return net, opt
 
 
 def test_round_trip_restores_model_optimizer_and_extra_under_weights_only(tmp_path):
     net, opt = save(tmp_path / "step_4")
     other, other_opt = trained(seed=1)
-    extra = modeling.load_checkpoint(str(tmp_path / "step_4"), other, other_opt, rank=0)
+    extra = checkpoints.load_checkpoint(str(tmp_path / "step_4"), other, other_opt, rank=0)
     for a, b in zip(net.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     for a, b in zip(opt.state.values(), other_opt.state.values(), strict=True):
@@ -74,7 +74,7 @@ def test_saving_onto_an_existing_step_replaces_it(tmp_path):
     net, _ = save(tmp_path / "step_2", {"step": 2, "run": "second"}, seed=3)
     assert sorted(os.listdir(tmp_path)) == ["step_2"]
     other, other_opt = trained(seed=1)
-    extra = modeling.load_checkpoint(str(tmp_path / "step_2"), other, other_opt, rank=0)
+    extra = checkpoints.load_checkpoint(str(tmp_path / "step_2"), other, other_opt, rank=0)
     assert extra["run"] == "second"
     assert torch.equal(other[0].weight, net[0].weight)
 
@@ -106,31 +106,31 @@ def test_every_file_and_the_folder_are_fsynced_before_the_rename(tmp_path, monke
 def test_checkpoint_problem_names_the_folder_and_the_damaged_file(tmp_path):
     path = tmp_path / "step_6"
     save(path)
-    assert modeling.checkpoint_problem(str(path)) is None
-    assert modeling.checkpoint_problem(str(path), world_size=1) is None
-    assert modeling.checkpoint_problem(str(path), world_size=2) == \
+    assert checkpoints.checkpoint_problem(str(path)) is None
+    assert checkpoints.checkpoint_problem(str(path), world_size=1) is None
+    assert checkpoints.checkpoint_problem(str(path), world_size=2) == \
         f"checkpoint {path} was saved by 1 ranks, not 2"
-    assert modeling.checkpoint_problem(str(tmp_path / "step_9")) == \
+    assert checkpoints.checkpoint_problem(str(tmp_path / "step_9")) == \
         f"checkpoint {tmp_path / 'step_9'}: checkpoint.json: missing"
     shard = path / "__0_0.distcp"
     size = shard.stat().st_size
     with open(shard, "r+b") as f:
         f.truncate(size // 2)
-    assert modeling.checkpoint_problem(str(path)) == \
+    assert checkpoints.checkpoint_problem(str(path)) == \
         f"checkpoint {path}: __0_0.distcp has {size // 2} bytes, {size} when saved"
     (path / "extra_rank0.pt").unlink()
     other, other_opt = trained(seed=1)
     before = [p.clone() for p in other.parameters()]
     with pytest.raises(ValueError, match=f"checkpoint {path}: __0_0.distcp has"):  # the first listed
-        modeling.load_checkpoint(str(path), other, other_opt, rank=0)
+        checkpoints.load_checkpoint(str(path), other, other_opt, rank=0)
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))  # nothing was loaded
     with open(shard, "r+b") as f:
         f.truncate(0)
     sizes = {"__0_0.distcp": 0, "extra_rank0.pt": 9}
     (path / "checkpoint.json").write_text(json.dumps({"world_size": 1, "files": sizes}))
-    assert modeling.checkpoint_problem(str(path)) == f"checkpoint {path}: extra_rank0.pt: missing"
+    assert checkpoints.checkpoint_problem(str(path)) == f"checkpoint {path}: extra_rank0.pt: missing"
     (path / "checkpoint.json").write_text("{")
-    problem = modeling.checkpoint_problem(str(path))
+    problem = checkpoints.checkpoint_problem(str(path))
     assert problem.startswith(f"checkpoint {path}: checkpoint.json: Expecting")
 
 
@@ -154,19 +154,19 @@ def test_resume_runs_no_pickle_from_extra_metadata_or_optimizer_entries(tmp_path
     path = tmp_path / "extra"  # a crafted extra_rank0.pt
     save(path, {"step": 1, "payload": Touch(str(marker))})
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        modeling.load_checkpoint(str(path), *trained(seed=1), rank=0)
+        checkpoints.load_checkpoint(str(path), *trained(seed=1), rank=0)
     path = tmp_path / "metadata"  # a crafted .metadata, with checkpoint.json made to match
     save(path)
     (path / ".metadata").write_bytes(pickle.dumps(Touch(str(marker))))
     fix_sizes(path)
-    assert modeling.checkpoint_problem(str(path)) == \
+    assert checkpoints.checkpoint_problem(str(path)) == \
         f"checkpoint {path}: .metadata: io.open may not be in checkpoint metadata"
     path = tmp_path / "optim"  # an optimizer entry that DCP stores as a pickle
     net, opt = trained()
     opt.param_groups[0]["payload"] = Touch(str(marker))
-    modeling.save_checkpoint(str(path), net, opt, {}, rank=0)
+    checkpoints.save_checkpoint(str(path), net, opt, {}, rank=0)
     other, other_opt = trained(seed=1)
     other_opt.param_groups[0]["payload"] = None  # so that DCP loads that entry
     with pytest.raises(CheckpointException, match="Unsupported global: GLOBAL io.open"):
-        modeling.load_checkpoint(str(path), other, other_opt, rank=0)
+        checkpoints.load_checkpoint(str(path), other, other_opt, rank=0)
     assert not marker.exists()

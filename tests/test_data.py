@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import images
 import tiny
 
 
@@ -64,7 +65,7 @@ def test_prompt_splits_on_image_and_applies_format(tiny_dir):
 @pytest.mark.parametrize("size, lo, hi", [((1000, 500), 3136, 100_000), ((10, 20), 3136, 100_000),
                                           ((100, 100), 3136, 100_000)])
 def test_resize_keeps_area_in_bounds_and_aspect(size, lo, hi):
-    img = data.resize_image(Image.new("RGB", size), lo, hi)
+    img = images.resize_image(Image.new("RGB", size), lo, hi)
     area = img.width * img.height
     assert lo * 0.97 <= area <= hi
     assert abs(img.width / img.height - size[0] / size[1]) < 0.05
@@ -300,7 +301,7 @@ def test_non_string_problem_is_an_error(tmp_path, processor):
 def test_tiny_images_are_scaled_to_what_the_processor_takes(tmp_path, processor):
     # Older smart_resize versions raise for a side < 28 px; all of them for an aspect ratio > 200.
     for size in [(1, 1), (5, 200), (200, 5), (1, 199)]:
-        img = data.resize_image(Image.new("RGB", size), 56 * 56, 112 * 112)
+        img = images.resize_image(Image.new("RGB", size), 56 * 56, 112 * 112)
         assert min(img.size) >= 28 and max(img.size) / min(img.size) <= 200, (size, img.size)
     rows = [{"problem": "<image>a", "answer": "1", "images": [{"bytes": png((1, 1)), "path": None}]},
             {"problem": "<image>b", "answer": "1", "images": [{"bytes": png((5, 200)), "path": None}]},
@@ -545,7 +546,7 @@ def test_empty_jsonl_and_zero_row_parquet_name_the_file(tmp_path, processor):
 def test_aspect_ratio_is_checked_before_the_resize(tmp_path, processor):
     # 10000x50 is exactly 200:1. Scaled by 0.578 to fit max_pixels, int() made it 5780x28 (206:1) and
     # the row was skipped; the resize now cuts the long side to keep 200:1, which the processor takes.
-    img = data.resize_image(Image.new("RGB", (10000, 50)), 3136, 167_042)
+    img = images.resize_image(Image.new("RGB", (10000, 50)), 3136, 167_042)
     assert img.size == (5600, 28)
     row = {"problem": "<image>How long?", "answer": "1", "images": [encoded(Image.new("RGB", (10000, 50)))]}
     prompts, summary = load(write_parquet(tmp_path / "t.parquet", [row] + good(1)), processor,

@@ -9,6 +9,7 @@ import torch
 # the modules sit at the repo root, not in a package: make `pytest tests/` work from anywhere
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo  # noqa: E402
+import train_offline  # noqa: E402
 
 LN2, LN4 = math.log(2.0), math.log(4.0)
 F64 = torch.float64
@@ -564,7 +565,7 @@ def test_dpo_loss_hand_values_metrics_and_gradients():
     # beta .5, c - r = [2, 0, -2] -> margins m = [1, 0, -1]; loss -log sigmoid(m) = log(1 + e^-m).
     # d loss / d c = -beta sigmoid(-m) = -.5 / (1 + e^m), and + that for r.
     c, r = t([2.0, 0.0, -1.0]).requires_grad_(), t([0.0, 0.0, 1.0]).requires_grad_()
-    loss, metrics = grpo.dpo_loss(c, r, beta=0.5)
+    loss, metrics = train_offline.dpo_loss(c, r, beta=0.5)
     close(loss, [softplus(-1.0), LN2, softplus(1.0)])  # equal log-ratios: log 2
     close(metrics["reward_accuracy"], 1 / 3)  # the tie (m = 0) is not counted as right
     close(metrics["reward_margin"], 0.0)
@@ -577,7 +578,7 @@ def test_dpo_loss_hand_values_metrics_and_gradients():
 
 def test_dpo_loss_limits_and_shift_invariance():
     c, r = t([1000.0, -1000.0, 3.0, 13.0]), t([-1000.0, 1000.0, 1.0, 11.0])
-    loss, _ = grpo.dpo_loss(c, r, beta=0.5)
+    loss, _ = train_offline.dpo_loss(c, r, beta=0.5)
     close(loss[:2], [0.0, 1000.0])  # a huge margin: 0 or |m|, never inf or nan
     close(loss[2], loss[3])  # only the difference c - r counts
 
@@ -587,7 +588,7 @@ def test_bco_pair_loss_hand_values_gradients_and_shift():
     # loss = -log sig(r_c - delta) - log sig(-(r_r - delta))
     #      = softplus(delta - r_c) + softplus(r_r - delta)
     c, r = t([1.0, 0.0]).requires_grad_(), t([-1.0, 0.0]).requires_grad_()
-    loss, metrics = grpo.bco_pair_loss(c, r, beta=0.5, delta=0.25)
+    loss, metrics = train_offline.bco_pair_loss(c, r, beta=0.5, delta=0.25)
     close(loss, [softplus(-0.25) + softplus(-0.75), softplus(0.25) + softplus(-0.25)])
     close(metrics["reward_chosen"], 0.25)
     close(metrics["reward_rejected"], -0.25)
@@ -598,10 +599,10 @@ def test_bco_pair_loss_hand_values_gradients_and_shift():
     close(c.grad, [-0.5 * sig(-0.25), -0.5 * sig(0.25)])
     close(r.grad, [0.5 * sig(-0.75), 0.5 * sig(-0.25)])
     # a 0-d tensor delta (on any device) too
-    close(grpo.bco_pair_loss(c, r, beta=0.5, delta=t(0.25))[0], loss)
+    close(train_offline.bco_pair_loss(c, r, beta=0.5, delta=t(0.25))[0], loss)
     # delta 0 and both log-ratios 0: 2 log 2. Unlike DPO, moving both log-ratios moves the loss.
-    close(grpo.bco_pair_loss(t([0.0]), t([0.0]), beta=0.5)[0], [2 * LN2])
-    close(grpo.bco_pair_loss(t([2.0]), t([2.0]), beta=0.5)[0], [softplus(-1.0) + softplus(1.0)])
+    close(train_offline.bco_pair_loss(t([0.0]), t([0.0]), beta=0.5)[0], [2 * LN2])
+    close(train_offline.bco_pair_loss(t([2.0]), t([2.0]), beta=0.5)[0], [softplus(-1.0) + softplus(1.0)])
 
 
 def test_bco_delta_is_the_running_mean_of_batch_means():
@@ -611,7 +612,7 @@ def test_bco_delta_is_the_running_mean_of_batch_means():
     batches = [t([1.0, 3.0]), t([4.0, 6.0, 8.0, 10.0]).requires_grad_(), t([-3.0])]
     delta, seen = 0.0, []
     for n, rewards in enumerate(batches):
-        delta = grpo.bco_delta(delta, n, rewards)
+        delta = train_offline.bco_delta(delta, n, rewards)
         seen.append(delta)
     assert seen == [2.0, 4.5, 2.0]  # floats: a checkpoint stores them as they are
     g = torch.Generator().manual_seed(0)  # and against a naive mean of the batch means
@@ -619,7 +620,7 @@ def test_bco_delta_is_the_running_mean_of_batch_means():
     batches = [torch.randn(int(n), generator=g, dtype=F64) for n in sizes]
     delta = 0.0
     for n, rewards in enumerate(batches):
-        delta = grpo.bco_delta(delta, n, rewards)
+        delta = train_offline.bco_delta(delta, n, rewards)
     close(delta, sum(float(b.mean()) for b in batches) / len(batches))
 
 
@@ -639,7 +640,7 @@ def test_mpo_loss_hand_value_and_weights():
     dpo = (softplus(-0.2) + softplus(0.2)) / 2
     bco = (softplus(-0.05) + softplus(-0.15) + softplus(0.25) + softplus(-0.05)) / 2
     sft = (LN2 + LN4 + math.log(1.25)) / 3
-    loss, metrics = grpo.mpo_loss(c, r, logp, mask, beta=0.1, delta=0.05)
+    loss, metrics = train_offline.mpo_loss(c, r, logp, mask, beta=0.1, delta=0.05)
     close(loss, 0.8 * dpo + 0.2 * bco + 1.0 * sft)
     parts = torch.stack([metrics["loss_dpo"], metrics["loss_bco"], metrics["loss_sft"]])
     close(parts, [dpo, bco, sft])
@@ -647,7 +648,7 @@ def test_mpo_loss_hand_value_and_weights():
     cases = [((1, 0, 0), dpo), ((0, 1, 0), bco), ((0, 0, 1), sft),
              ((2, 3, 5), 2 * dpo + 3 * bco + 5 * sft)]
     for weights, want in cases:
-        close(grpo.mpo_loss(c, r, logp, mask, beta=0.1, delta=0.05, weights=weights)[0], want)
+        close(train_offline.mpo_loss(c, r, logp, mask, beta=0.1, delta=0.05, weights=weights)[0], want)
     loss.backward()
     assert c.grad[0] < 0 and c.grad[1] < 0 and r.grad[0] > 0 and r.grad[1] > 0
     # SFT gradient -1/3 per valid chosen token (token mean over 3), 0 under the mask
@@ -656,9 +657,9 @@ def test_mpo_loss_hand_value_and_weights():
 
 def test_mpo_micro_batches_with_global_counts_give_the_full_batch_loss_and_gradient():
     c, r, logp, mask = mpo_inputs()
-    full = grpo.mpo_loss(c, r, logp, mask, delta=0.05)[0]
+    full = train_offline.mpo_loss(c, r, logp, mask, delta=0.05)[0]
     full_grads = torch.autograd.grad(full, (c, r, logp))
-    parts = sum(grpo.mpo_loss(c[i:i + 1], r[i:i + 1], logp[i:i + 1], mask[i:i + 1], delta=0.05,
+    parts = sum(train_offline.mpo_loss(c[i:i + 1], r[i:i + 1], logp[i:i + 1], mask[i:i + 1], delta=0.05,
                               num_pairs=2, num_tokens=mask.sum())[0] for i in range(2))
     close(parts, full)
     for a, b in zip(torch.autograd.grad(parts, (c, r, logp)), full_grads):

@@ -1,4 +1,4 @@
-"""LoRA (model.apply_lora): the adapted model starts as the base, trains only its adapters, and
+"""LoRA (lora.apply_lora): the adapted model starts as the base, trains only its adapters, and
 merges back into a plain Qwen2.5-VL with the same log-probs, in one process and from 2 FSDP ranks;
 the adapter file is PEFT's layout and holds the same adapters."""
 import json
@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import data
 import model as modeling
 from export import export_checkpoint
+from lora import apply_lora, hf_state_dict
 from test_fsdp import initial_state, run_worker
 from test_model import make_batch
 
@@ -26,7 +27,7 @@ def image_batch(tiny_dir):
 
 
 def adapted(model_dir):
-    return modeling.apply_lora(modeling.load_model(model_dir), **LORA)
+    return apply_lora(modeling.load_model(model_dir), **LORA)
 
 
 def plain_from(model_dir, state):
@@ -60,7 +61,7 @@ def test_merged_plain_model_gives_the_adapted_log_probs(tiny_dir):
         for p in lora.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
-        merged = plain_from(tiny_dir[0], modeling.hf_state_dict(lora, lora.state_dict()))
+        merged = plain_from(tiny_dir[0], hf_state_dict(lora, lora.state_dict()))
         logp = modeling.token_logprobs(lora, batch)
         base_logp = modeling.token_logprobs(modeling.load_model(tiny_dir[0]), batch)
         assert (logp - base_logp).abs().max() > 0.1  # the adapters matter
@@ -83,7 +84,7 @@ def test_optimizer_moves_only_the_adapters(tiny_dir):
     for n, p in lora.named_parameters():
         assert torch.equal(p, before[n]) != n.endswith((".lora_A", ".lora_B")), n
     base = initial_state(tiny_dir[0])
-    merged = modeling.hf_state_dict(lora, lora.state_dict())
+    merged = hf_state_dict(lora, lora.state_dict())
     for k, w in merged.items():
         is_adapted = k.startswith("model.language_model.layers.") and k.endswith("_proj.weight")
         assert torch.equal(w, base[k]) != is_adapted, k
@@ -118,7 +119,7 @@ def test_adapter_file_is_peft_layout_and_holds_the_merge(tiny_dir, tmp_path):
                 p.normal_(0, 0.05)
     folder = modeling.save_lora_adapter(lora, str(tmp_path / "adapter"), rank=0)
     assert json.load(open(os.path.join(folder, "adapter_config.json")))["base_model_name_or_path"] == tiny_dir[0]
-    check_adapter_file(folder, lora.state_dict(), modeling.hf_state_dict(lora, lora.state_dict()))
+    check_adapter_file(folder, lora.state_dict(), hf_state_dict(lora, lora.state_dict()))
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,7 @@ def test_sharded_lora_saves_merged_hf_folder_adapter_and_checkpoint(tiny_dir, tw
     out_path, res = two_ranks
     one = adapted(tiny_dir[0])
     one.load_state_dict(res["state"])
-    merged = modeling.hf_state_dict(one, one.state_dict())  # B @ A in this process
+    merged = hf_state_dict(one, one.state_dict())  # B @ A in this process
     exported = export_checkpoint(out_path + ".ckpt", tiny_dir[0], str(tmp_path / "export"))
     # Each folder holds the same bits as the merge done in the process that wrote it: save_hf's in
     # the worker, export_checkpoint's here (B @ A may round differently under another thread count).

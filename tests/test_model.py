@@ -7,6 +7,7 @@ import torch
 
 import data
 import model as modeling
+import patches
 import tiny
 
 
@@ -55,7 +56,7 @@ def test_linear_patch_embed_equals_the_conv3d(tiny_dir):
 
 
 def test_grouped_sdpa_is_grouped_query_attention():
-    """model.grouped_sdpa == attention written out: each K/V head repeated for its query heads,
+    """patches.grouped_sdpa == attention written out: each K/V head repeated for its query heads,
     softmax(q k^T * scale, masked) v; a padding mask per row, queries of 1 (decoding), 5 and 40 tokens
     (40 >= 2 * H_kv * D: transformers' own path)."""
     g = torch.Generator().manual_seed(0)
@@ -66,7 +67,7 @@ def test_grouped_sdpa_is_grouped_query_attention():
         mask[1, ..., :4] = False  # row 1 left-padded by 4
         attn = torch.nn.Module()
         attn.num_key_value_groups = H // H_kv  # what transformers' own path reads off the layer
-        out, _ = modeling.grouped_sdpa(attn, q, k, v, mask, scaling=0.3)
+        out, _ = patches.grouped_sdpa(attn, q, k, v, mask, scaling=0.3)
         scores = q @ k.repeat_interleave(H // H_kv, 1).transpose(-1, -2) * 0.3
         ref = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.repeat_interleave(H // H_kv, 1)
         assert out.shape == (B, L, H, D)

@@ -13,8 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import data
 import model as modeling
+import patches
 import real_qwen
 import rollout
 import tiny
@@ -53,7 +55,7 @@ def reference_encoder():
 @pytest.fixture(scope="module")
 def parts(real_dir):
     """(processor, plain policy, [text prompt, image prompt]) on the 7B layout."""
-    processor = modeling.load_processor(real_dir)
+    processor = patches.load_processor(real_dir)
     rows = [{"problem": "What is 2 + 3?", "answer": "5", "images": []},
             {"problem": "<image>How many shapes are in the figure?", "answer": "3",
              "images": [Image.new("RGB", (84, 56), "white")]}]
@@ -183,7 +185,7 @@ def test_save_hf_and_export_carry_the_real_generation_config(fsdp_policy, parts,
     hf = modeling.save_hf(fsdp_policy, parts[0], str(tmp_path / "hf"), rank=0)
     ckpt = str(tmp_path / "ckpt")
     optimizer = torch.optim.AdamW(fsdp_policy.parameters())
-    modeling.save_checkpoint(ckpt, fsdp_policy, optimizer, {"step": 0}, rank=0)
+    checkpoints.save_checkpoint(ckpt, fsdp_policy, optimizer, {"step": 0}, rank=0)
     export = export_checkpoint(ckpt, real_dir, str(tmp_path / "export"))
     for out in (hf, export):
         got = json.load(open(os.path.join(out, "generation_config.json")))
@@ -218,13 +220,13 @@ def test_load_processor_stops_on_the_old_image_processor_name_and_says_what_to_c
     (old / "preprocessor_config.json").write_text(
         config.replace('"Qwen2VLImageProcessor"', '"Qwen2_5_VLImageProcessor"'))
     with pytest.raises(ValueError, match="preprocessor_config.json") as e:
-        modeling.load_processor(str(old))
+        patches.load_processor(str(old))
     fix = '"image_processor_type": "Qwen2VLImageProcessor"'
     assert str(e.value).startswith(str(old)) and fix in str(e.value)
     (old / "preprocessor_config.json").write_text(config)  # what the message says to do
     image = Image.new("RGB", (84, 56), "red")
     text = ["<|vision_start|><|image_pad|><|vision_end|>"]
-    fixed, real = (modeling.load_processor(d)(text=text, images=[image], return_tensors="pt")
+    fixed, real = (patches.load_processor(d)(text=text, images=[image], return_tensors="pt")
                    for d in (str(old), real_dir))
     assert fixed["input_ids"].equal(real["input_ids"])
     assert fixed["pixel_values"].equal(real["pixel_values"])

@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import fsdp_worker  # noqa: E402
 import model as modeling  # noqa: E402
@@ -92,14 +93,14 @@ def main(model_dir, data_dir, out_path):
            "step": step, "batch": batch, "hf": [None] * world}
     dist.all_gather_object(out["hf"], hf_sampler_gap(policy, processor, data_dir, rank))
 
-    modeling.save_checkpoint(out_path + ".ckpt", policy, optimizer, {}, rank=rank)
+    checkpoints.save_checkpoint(out_path + ".ckpt", policy, optimizer, {}, rank=rank)
     modeling.save_hf(policy, processor, out_path + ".hf", rank=rank)
     with torch.no_grad():
         out["trained_logp"] = modeling.token_logprobs(policy, batch)
     out["second"] = second_step(policy, optimizer, samples, rank, world)
     fresh = modeling.load_fsdp_model(model_dir, mesh, rank=rank)
     optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3, weight_decay=0.01)  # as step()'s
-    modeling.load_checkpoint(out_path + ".ckpt", fresh, optimizer, rank=rank)
+    checkpoints.load_checkpoint(out_path + ".ckpt", fresh, optimizer, rank=rank)
     out["resumed"] = second_step(fresh, optimizer, samples, rank, world)
     out["resumed"]["tie"] = tie(fresh)
     if rank == 0:
