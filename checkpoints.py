@@ -54,9 +54,9 @@ def claim(out_dir, resume, rank, world_size):
     ckpt_root = os.path.join(out_dir, "checkpoints")
     resume_from = find_checkpoint(resume, ckpt_root, world_size) if resume else ""
     if not resume_from and checkpoint_steps(ckpt_root):
-        raise SystemExit(f"{ckpt_root} holds checkpoints {checkpoint_steps(ckpt_root)}: "
-                         "--resume=auto continues from the newest; to start over, use another "
-                         "--out_dir or delete them")
+        how = ", none usable (above)" if resume else ": --resume=auto continues from the newest"
+        raise SystemExit(f"{ckpt_root} holds checkpoints {checkpoint_steps(ckpt_root)}{how}; to "
+                         "start over, use another --out_dir or delete them")
     return resume_from
 
 
@@ -233,6 +233,8 @@ def checkpoint_problem(path, world_size=None):
                 raise pickle.UnpicklingError(f"{module}.{name} may not be in checkpoint metadata")
             return super().find_class(module, name)
 
+    if not os.path.isdir(path):
+        return f"checkpoint {path}: no such folder"
     name = "checkpoint.json"
     try:
         with open(os.path.join(path, name)) as f:
@@ -244,8 +246,17 @@ def checkpoint_problem(path, world_size=None):
         name = ".metadata"
         with open(os.path.join(path, name), "rb") as f:
             Unpickler(f).load()
+        for name in [n for n in saved["files"] if n.startswith("extra_rank")]:  # a few KB each
+            torch.load(os.path.join(path, name), weights_only=True)
     except Exception as e:  # a missing file, bad JSON, a refused pickle: the folder is unusable
-        why = "missing" if isinstance(e, FileNotFoundError) else e
+        why = e
+        if isinstance(e, FileNotFoundError):
+            why = "missing" + (" (written before checkpoints listed their files, or not a "
+                               "checkpoint): nothing vouches that it is whole, so it is not "
+                               "loaded; resume from a newer one or start afresh"
+                               if name == "checkpoint.json" else "")
+        elif isinstance(e, pickle.UnpicklingError) and name.startswith("extra_rank"):
+            why = "holds objects other than tensors and plain data (their pickle could run code)"
         return f"checkpoint {path}: {name}: {why}"
     if world_size not in (None, ranks):
         return f"checkpoint {path} was saved by {ranks} ranks, not {world_size}"

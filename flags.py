@@ -4,6 +4,8 @@ costs minutes), the flag named in the message. nanoGPT's configurator.py beside 
 import dataclasses
 import sys
 
+import data
+import reward
 import tiny
 
 
@@ -85,4 +87,15 @@ def check(cfg):
         raise SystemExit("--lora_dropout must lie in [0, 1) and --val_temperature be at least 0")
     if unknown := set(filter(None, cfg.freeze.split(","))) - set(FREEZABLE):
         raise SystemExit(f"--freeze takes {', '.join(FREEZABLE)}, not {', '.join(unknown)}")
+    # The files flags name, read now: found bad after a 7B has loaded, they cost minutes.
+    try:
+        reward.load_reward(cfg.reward)
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise SystemExit(f"--reward={cfg.reward}: {e}") from e
+    try:
+        if cfg.format_prompt not in ("", "none"):
+            with open(cfg.format_prompt) as f:
+                data.check_format_prompt(f.read(), cfg.format_prompt)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--format_prompt: {e}") from e
     return cfg

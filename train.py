@@ -200,7 +200,10 @@ def prepare_out_dir(cfg, rank, world_size):
                              f"size {world_size}")
     if world_size % tp:
         raise SystemExit(f"--vllm_tp={tp} must divide the world size {world_size}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out_dir={cfg.out_dir} cannot be made: {e.strerror}")
     if not os.access(cfg.out_dir, os.W_OK):
         raise SystemExit(f"--out_dir={cfg.out_dir} is not writable")
     return "" if cfg.dry_run else checkpoints.claim(cfg.out_dir, cfg.resume, rank, world_size)

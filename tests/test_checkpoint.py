@@ -111,7 +111,11 @@ def test_checkpoint_problem_names_the_folder_and_the_damaged_file(tmp_path):
     assert checkpoints.checkpoint_problem(str(path), world_size=2) == \
         f"checkpoint {path} was saved by 1 ranks, not 2"
     assert checkpoints.checkpoint_problem(str(tmp_path / "step_9")) == \
-        f"checkpoint {tmp_path / 'step_9'}: checkpoint.json: missing"
+        f"checkpoint {tmp_path / 'step_9'}: no such folder"
+    (tmp_path / "old").mkdir()  # as written before checkpoint.json: refused, saying why
+    assert checkpoints.checkpoint_problem(str(tmp_path / "old")).startswith(
+        f"checkpoint {tmp_path / 'old'}: checkpoint.json: missing (written before checkpoints "
+        "listed their files")
     shard = path / "__0_0.distcp"
     size = shard.stat().st_size
     with open(shard, "r+b") as f:
@@ -153,7 +157,9 @@ def test_resume_runs_no_pickle_from_extra_metadata_or_optimizer_entries(tmp_path
     marker = tmp_path / "ran"
     path = tmp_path / "extra"  # a crafted extra_rank0.pt
     save(path, {"step": 1, "payload": Touch(str(marker))})
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    assert checkpoints.checkpoint_problem(str(path)) == f"checkpoint {path}: extra_rank0.pt: " \
+        "holds objects other than tensors and plain data (their pickle could run code)"
+    with pytest.raises(ValueError, match="extra_rank0.pt: holds objects other than tensors"):
         checkpoints.load_checkpoint(str(path), *trained(seed=1), rank=0)
     path = tmp_path / "metadata"  # a crafted .metadata, with checkpoint.json made to match
     save(path)
