@@ -4,8 +4,8 @@
     torchrun --nproc_per_node 4 train.py --dry_run=true <flags>     # the same plan, from train.py
 
 Parameters are counted on a meta-device build (no weights). Activations are what one decoder layer
-or vision block saves for backward per token (layer_bytes: Qwen2.5-VL's layer; vision_block_bytes:
-Qwen2.5-VL's and Qwen3-VL's blocks; the tensors transformers 5.19 saves under torch 2.13 in bf16
+or vision block saves for backward per token (layer_bytes, vision_block_bytes: Qwen2.5-VL's and
+Qwen3-VL's layers and blocks; the tensors transformers 5.19 saves under torch 2.13 in bf16
 with SDPA, equal to a saved-tensor count in tests/test_memplan.py). The rest is FSDP2 and vLLM
 bookkeeping, written out in plan().
 It plans the worst case the flags allow (prompts of max_prompt_length tokens, all image; responses
@@ -72,18 +72,21 @@ def count_params(config):
     return n
 
 
-def layer_bytes(seqs, q_len, kv_len, *, hidden, inter, heads, kv_heads, head_dim, grouped=None):
+def layer_bytes(seqs, q_len, kv_len, *, hidden, inter, heads, kv_heads, head_dim, grouped=None,
+                qk_norm=False):
     """Bytes one bf16 decoder layer saves for backward: seqs sequences of q_len queries over kv_len
     keys (their own, after a prompt's cache) under a padding mask, attention as model.grouped_sdpa
     runs it. Per query token: each RMSNorm's float32 input (4h), rsqrt (4) and bf16 output (2h);
     the inputs of q/k/v and of the MLP (2h each); q and the attention output (2 heads*d each);
     SDPA's float32 logsumexp (4 heads); gate, silu(gate), up and their product (2I each); the mask
     as a bf16 bias (2 kv_len). Per key token: K and V (2d bytes per head each). grouped: whether
-    grouped_sdpa stacks the query heads (None: its own rule on q_len)."""
+    grouped_sdpa stacks the query heads (None: its own rule on q_len). qk_norm: Qwen3-VL's RMSNorm
+    of each q and k head, which saves its float32 input (4d), rsqrt (4) and bf16 output (2d)."""
     groups = heads // kv_heads
     if grouped is None:
         grouped = groups > 1 and q_len < 2 * kv_heads * head_dim
     per_q = 2 * (6 * hidden + 4) + 4 * hidden + 4 * heads * head_dim + 4 * heads + 8 * inter
+    per_q += qk_norm * (heads + kv_heads) * (6 * head_dim + 4)
     if grouped:  # the mask repeated per query head of a group; o_proj's input is a copy
         per_q += 2 * kv_len * groups + 2 * heads * head_dim
     else:  # transformers' SDPA under a mask: repeat_kv copies K and V for every query head
@@ -120,7 +123,7 @@ def plan(config, *, world_size, gpu_gib, micro_batch_size, max_prompt_length, ma
     h, L, V, kvh = tc.hidden_size, tc.num_hidden_layers, tc.vocab_size, tc.num_key_value_heads
     d = getattr(tc, "head_dim", None) or h // tc.num_attention_heads
     dims = dict(hidden=h, inter=tc.intermediate_size, heads=tc.num_attention_heads, kv_heads=kvh,
-                head_dim=d)
+                head_dim=d, qk_norm=config.model_type == "qwen3_vl")
     n, cb, mb, W = count_params(config), 2, {"float32": 4, "bfloat16": 2}[master_dtype], world_size
     io = dict(q_proj=(h, d * dims["heads"]), k_proj=(h, d * kvh), v_proj=(h, d * kvh),
               o_proj=(d * dims["heads"], h), gate_proj=(h, dims["inter"]),

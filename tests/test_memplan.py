@@ -89,6 +89,38 @@ def test_layer_bytes_match_a_saved_tensor_count_of_a_7b_decoder_layer(layer_7b, 
         1, 1024, 1024, grouped=False, **DIMS_7B)
 
 
+def test_layer_bytes_count_a_qwen3_vl_8b_layers_q_and_k_norms():
+    """Qwen3-VL's decoder layer adds an RMSNorm on each q and k head (q_norm, k_norm): the formula
+    with qk_norm against a saved-tensor count of a real one at the 8B's sizes, on both paths."""
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import (Qwen3VLTextDecoderLayer,
+                                                                Qwen3VLTextRotaryEmbedding)
+
+    dims = dict(hidden=4096, inter=12288, heads=32, kv_heads=8, head_dim=128)
+    cfg = Qwen3VLTextConfig(hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
+                            num_key_value_heads=8, head_dim=128, num_hidden_layers=1,
+                            rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                             "mrope_section": [24, 20, 20],
+                                             "mrope_interleaved": True})
+    with torch.device("meta"):
+        layer = Qwen3VLTextDecoderLayer(cfg, 0)
+    layer = layer.to_empty(device="cpu").to(torch.bfloat16)  # values unused: sizes only
+    T = 16
+    x = torch.randn(1, T, 4096, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(T).expand(3, 1, T)
+    cos, sin = Qwen3VLTextRotaryEmbedding(cfg)(x, pos)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+    for attention, grouped in [("sdpa", False), ("sdpa_grouped", True)]:
+        cfg._attn_implementation = attention
+        measured = saved_bytes(lambda: layer(x, attention_mask=mask, position_ids=pos,
+                                             position_embeddings=(cos, sin)),
+                               exclude=(cos, sin, mask, *layer.parameters()))
+        predicted = memplan.layer_bytes(1, T, T, grouped=grouped, qk_norm=True, **dims)
+        assert predicted == pytest.approx(measured, rel=0.02)
+        # without the norms' 30,880 bytes a token the count is 14% over the formula
+        assert memplan.layer_bytes(1, T, T, grouped=grouped, **dims) < 0.9 * measured
+
+
 @pytest.mark.parametrize("arch,hidden,inter,gated", [("qwen2_5_vl", 1280, 3420, True),
                                                       ("qwen3_vl", 1152, 4304, False)])
 def test_vision_block_bytes_match_a_saved_tensor_count_of_a_real_block(arch, hidden, inter, gated):
