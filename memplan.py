@@ -29,10 +29,10 @@ CTX = 1.0 * GIB  # estimate: CUDA context, cuBLAS workspaces, NCCL buffers (gpu-
 VLLM_RUNTIME = 4.0 * GIB  # estimate: vLLM's profiled activation peak + CUDA graphs
 VLLM_ASLEEP = 1.5 * GIB  # estimate: what a sleeping engine keeps (graph pool, runner buffers)
 COLUMNS = ("params", "grads", "optim", "ref", "vllm", "activ", "logits", "other")
-# The public config.json of Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct and Qwen/Qwen3-VL-{8B,32B}-
+# The public config.json of Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct and Qwen/Qwen3-VL-{4B,8B,32B}-
 # Instruct (huggingface.co), so that a plan needs no hub. Qwen3-VL's were rebuilt from public
 # copies and checked against what the hub publishes (tests/test_memplan.py): the 8B's parameter
-# total, the 32B's git blob id. No copy of the 2B's or 4B's was found that could be checked.
+# total, the 4B's rounded size, the 32B's git blob id. None of the 2B's could be checked.
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 

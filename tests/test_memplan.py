@@ -178,10 +178,12 @@ def test_meta_build_counts_equal_the_config_arithmetic(name, billions):
 
 def test_shipped_qwen3_vl_configs_are_the_published_ones():
     """Each against a number published with the real weights: the 8B's parameter total, summed
-    from its safetensors (a public model report), and the 32B's file, byte for byte, by the git
-    blob id the hub lists for it (a public download manifest)."""
+    from its safetensors (a public model report), the 4B's as the hub rounds it (4.44 B), and the
+    32B's file, byte for byte, by the git blob id the hub lists for it (a download manifest)."""
     assert memplan.count_params(memplan.load_config("Qwen/Qwen3-VL-8B-Instruct"))["total"] == \
         8_767_123_696
+    n = memplan.count_params(memplan.load_config("Qwen/Qwen3-VL-4B-Instruct"))
+    assert round(n["total"] / 1e9, 2) == 4.44 and n["lm_head"] == 0  # tied, as the 2B and 4B
     with open(os.path.join(memplan.CONFIGS, "Qwen3-VL-32B-Instruct", "config.json"), "rb") as f:
         raw = f.read()
     blob = hashlib.sha1(b"blob %d\0" % len(raw) + raw).hexdigest()
