@@ -83,8 +83,10 @@ def check(cfg):
     for name in ("top_p", "val_top_p", "vllm_gpu_memory_utilization"):
         if not 0 < getattr(cfg, name) <= 1:
             raise SystemExit(f"--{name} must be above 0 and at most 1, not {getattr(cfg, name)}")
-    if not 0 <= cfg.lora_dropout < 1 or cfg.val_temperature < 0:
-        raise SystemExit("--lora_dropout must lie in [0, 1) and --val_temperature be at least 0")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise SystemExit(f"--lora_dropout must lie in [0, 1), not {cfg.lora_dropout}")
+    if cfg.val_temperature < 0:
+        raise SystemExit(f"--val_temperature must be at least 0, not {cfg.val_temperature}")
     if unknown := set(filter(None, cfg.freeze.split(","))) - set(FREEZABLE):
         raise SystemExit(f"--freeze takes {', '.join(FREEZABLE)}, not {', '.join(unknown)}")
     # The files flags name, read now: found bad after a 7B has loaded, they cost minutes.

@@ -99,7 +99,7 @@ def mpo_step(policy, optimizer, pairs, cfg, *, delta, pad_id, device, banned_ids
     """One MPO optimizer step on this rank's `pairs` ((chosen, rejected) samples with ref_logp), in
     micro-batches of micro_batch_size sequences (a pair side by side: one prompt forward). The
     pair terms are normalised by the global pair count, the SFT term by the global chosen-token
-    count. BCO's shift `delta` is held fixed during the step (grpo.bco_delta)."""
+    count. BCO's shift `delta` is held fixed during the step (bco_delta)."""
     policy.train()  # back to eval() in clip_and_step
     world_size = dist.get_world_size()
     counts = train.all_reduce({"pairs": len(pairs),

@@ -1,4 +1,5 @@
-"""Tests for grpo.py: hand-computed values on tiny tensors, naive-loop references, gradients."""
+"""Tests for grpo.py (and MPO's losses, train_offline.py): hand-computed values on tiny tensors,
+naive-loop references, gradients."""
 import math
 import os
 import sys

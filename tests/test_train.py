@@ -34,11 +34,29 @@ def test_flags_parse_both_forms_and_reject_mistakes():
     (["--val_freq=-1"], "--val_freq"), (["--sampler=sglang"], "--sampler"), (["--micro_batch_size=0"], "--micro_batch_size"),
     (["--num_generations=1"], "--num_generations"), (["--temperature=0"], "--temperature"), (["--top_p=1.5"], "--top_p"),
     (["--rollout_batch_size=10", "--global_batch_size=4"], "--global_batch_size"), (["--max_pixels=10"], "--max_pixels"),
-    (["--freeze=vision,eyes"], "--freeze"), (["--master_dtype=float16"], "--master_dtype"), (["--loss_agg=sum"], "--loss_agg")])
+    (["--freeze=vision,eyes"], "--freeze"), (["--master_dtype=float16"], "--master_dtype"), (["--loss_agg=sum"], "--loss_agg"),
+    (["--val_temperature=-1"], "--val_temperature must"), (["--lora_dropout=1"], "--lora_dropout must"),
+    # the files flags name are read at parse time too, not after a model has loaded
+    (["--reward=mathh"], "--reward=mathh"), (["--reward=/nonexistent/r.py:score"], "--reward=/nonexistent"),
+    (["--format_prompt=/nonexistent.jinja"], "--format_prompt")])
 def test_bad_flag_values_are_refused_at_parse_time_by_name(flags, named):
     with pytest.raises(SystemExit) as e:
         train.parse_flags(flags)
     assert named in str(e.value)
+
+
+def test_an_out_dir_that_cannot_be_made_is_a_stop_naming_the_flag(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    cfg = train.parse_flags([f"--out_dir={tmp_path / 'a_file' / 'run'}"])
+    with pytest.raises(SystemExit, match="--out_dir=.*a_file/run cannot be made: Not a directory"):
+        train.prepare_out_dir(cfg, rank=0, world_size=1)
+
+
+def test_a_format_prompt_without_its_content_is_refused_at_parse_time(tmp_path):
+    path = tmp_path / "no_content.jinja"
+    path.write_text("Think step by step.")
+    with pytest.raises(SystemExit, match="--format_prompt: format prompt .*no_content.jinja has no"):
+        train.parse_flags([f"--format_prompt={path}"])
 
 
 def test_offline_flags_are_train_flags_and_their_own():
