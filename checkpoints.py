@@ -216,10 +216,11 @@ def save_checkpoint(path, model, optimizer, extra, *, rank):
 
 def checkpoint_problem(path, world_size=None):
     """What keeps `path` from being a whole save_checkpoint folder (of `world_size` ranks if
-    given), naming the folder and file; None if nothing. Cheap, no tensor is read: every file must
-    have its size in checkpoint.json, and DCP's .metadata, which DCP reads with a plain
-    pickle.load, may name only the classes DCP writes there, so a crafted one runs nothing. Another
-    world size is refused: each rank's extra state (data position, RNGs) is its own."""
+    given), naming the folder and file; None if nothing. Cheap, no shard is read: every file must
+    have its size in checkpoint.json; DCP's .metadata, which DCP reads with a plain pickle.load,
+    may name only the classes DCP writes there, so a crafted one runs nothing; each rank's extra
+    state (a few KB) must load with weights_only. Another world size is refused: each rank's
+    extra state (data position, RNGs) is its own."""
     here = dcp_md.__name__  # the dataclasses and enums DCP defines for its metadata
     safe = {(here, k) for k, v in vars(dcp_md).items() if getattr(v, "__module__", 0) == here}
     safe |= {(dcp_fs.__name__, "_StorageInfo"), ("torch.serialization", "_get_layout")}
