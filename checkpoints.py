@@ -20,7 +20,8 @@ import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.filesystem as dcp_fs
 import torch.distributed.checkpoint.metadata as dcp_md
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from tqdm import tqdm
+
+from runlog import print0
 
 
 # ----------------------------------------------------------------------------- the run folder
@@ -38,11 +39,6 @@ def on_rank0(fn, *args, rank):
     if box[0]:
         raise SystemExit(box[0])
     return result
-
-
-def say(text):
-    if dist.get_rank() == 0:
-        tqdm.write(text)  # above the progress bar, not through it
 
 
 def claim(out_dir, resume, rank, world_size):
@@ -93,7 +89,7 @@ def find_checkpoint(resume, ckpt_root, world_size):
         if problem := checkpoint_problem(path):
             if resume != "auto":
                 raise SystemExit(f"--resume={resume}: {problem}")
-            say(f"--resume=auto: skipping {path}: {problem}")
+            print0(f"--resume=auto: skipping {path}: {problem}")
         elif problem := checkpoint_problem(path, world_size):
             raise SystemExit(f"--resume: {problem}; resume on that many ranks")
         else:
@@ -110,10 +106,10 @@ def resume(path, policy, optimizer, pos, order_rng, *, lr, weight_decay, out_dir
     if path:
         state = load_checkpoint(path, policy, optimizer, rank=dist.get_rank())
     if state:
-        say(f"resumed from {path} (step {state['step']})")
+        print0(f"resumed from {path} (step {state['step']})")
         saved = {k: optimizer.param_groups[0][k] for k in ("lr", "weight_decay")}
         if saved != {"lr": lr, "weight_decay": weight_decay}:
-            say(f"the checkpoint's optimizer had {saved}; this run's --lr={lr} and "
+            print0(f"the checkpoint's optimizer had {saved}; this run's --lr={lr} and "
                 f"--weight_decay={weight_decay} apply")
         for group in optimizer.param_groups:
             group.update(lr=lr, weight_decay=weight_decay)

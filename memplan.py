@@ -21,7 +21,8 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
+
+from runlog import print0
 
 GIB = 2 ** 30
 DEFAULT_GPU_GIB = 79.2  # an "80 GB" H100/A100 as torch.cuda reports its total memory
@@ -278,8 +279,7 @@ def check(cfg, model_path, world_size, device):
         return False
     text, fits = plan_from_config(dataclasses.replace(cfg, model_path=model_path), world_size,
                                   gpu_gib(cfg.gpu_memory_gib, device))
-    if dist.get_rank() == 0:
-        print(text, flush=True)
+    print0(text)
     if not fits and not cfg.dry_run:
         raise SystemExit("the memory plan above says this run does not fit; change the flags it "
                          "names (--memory_check=false starts it anyway)")

@@ -33,12 +33,11 @@ def run(fn, inputs, *, timeout_s, num_workers, check):
     untried, are not tried: PROBES / num_workers timeouts, not n / num_workers of them. A fn that
     hangs on a share p of inputs is given up on with chance p ** PROBES (p = 0.1: 1e-8 a step;
     with one probe per worker on 2 CPUs it would be 1e-2, a run stopped in 100 steps). Else the
-    rest go in chunks, about 4 per worker. A
-    chunk whose call raises, dies or runs past timeout_s (timed from when its worker picks it up)
-    is re-run one input at a time, a hung worker being killed; an input that still fails alone is
-    listed in errors ({error text: [i, ...]}) or timed_out ([i, ...]). check(n, output) vets a
-    chunk's output for its n inputs before it is used, and may raise (the workers still running
-    are then killed)."""
+    rest go in chunks, about 4 per worker. A chunk whose call raises, dies or runs past timeout_s
+    (timed from when its worker picks it up) is re-run one input at a time, a hung worker being
+    killed; an input that still fails alone is listed in errors ({error text: [i, ...]}) or
+    timed_out ([i, ...]). check(n, output) vets a chunk's output for its n inputs before it is
+    used, and may raise (the workers still running are then killed)."""
     n = len(inputs)
     k = min(n, max(PROBES, num_workers))
     probes = [j * n // k for j in range(k)]

@@ -10,6 +10,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 
+def print0(*args):
+    if dist.get_rank() == 0:
+        tqdm.write(" ".join(str(a) for a in args))  # above the progress bar, not through it
+
+
 class RunLog:
     """The run's files; every rank makes one, rank 0 writes."""
 

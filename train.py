@@ -50,6 +50,7 @@ import reward
 import rollout
 import runlog
 import tiny
+from runlog import print0
 
 
 @dataclass
@@ -175,11 +176,6 @@ def process_group_backend(device_type):
     tensors: gloo serves the CPU side, as in verl and torchtitan. Moving each metric to the GPU
     would add a copy and a sync per reduction."""
     return "cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo"
-
-
-def print0(*args):
-    if dist.get_rank() == 0:
-        tqdm.write(" ".join(str(a) for a in args))  # above the progress bar, not through it
 
 
 def all_reduce(values, op=dist.ReduceOp.SUM):

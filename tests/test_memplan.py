@@ -176,7 +176,7 @@ def test_meta_build_counts_equal_the_config_arithmetic(name, billions):
     assert round(n["total"] / 1e9, 2) == billions  # the model cards' sizes; the 3B ties lm_head
 
 
-def test_shipped_qwen3_vl_configs_are_the_published_ones():
+def test_shipped_qwen3_vl_configs_agree_with_numbers_the_hub_publishes():
     """Each against a number published with the real weights: the 8B's parameter total, summed
     from its safetensors (a public model report), the 4B's as the hub rounds it (4.44 B), and the
     32B's file, byte for byte, by the git blob id the hub lists for it (a download manifest)."""
